@@ -1,0 +1,123 @@
+"""The `calofast` command line: thin wrappers over library functions, one per subcommand.
+
+Errors in user input (bad files, bad options) print one line, `calofast: error: ...`, and exit 2;
+set CALOFAST_DEBUG=1 for the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+log = logging.getLogger("calofast")
+
+
+def _geometry(text: str):
+    from .geometry import get_geometry
+    return get_geometry(text)
+
+
+# ---------------------------------------------------------------------- subcommands
+def cmd_gflash(a: argparse.Namespace) -> int:
+    from .gflash import GFlashConfig, write_gflash
+    geo = _geometry(a.geometry)
+    path = write_gflash(a.output, geo, a.n, a.energies, a.seed, chunk=a.chunk, force=a.force,
+                        config=GFlashConfig(c_s=a.c_s, substeps=a.substeps))
+    print(f"wrote {a.n} {geo.name} showers to {path}")
+    if a.summary:
+        return cmd_info(argparse.Namespace(file=path, geometry=None, plot=Path(path).with_suffix(".png"),
+                                           max_events=None))
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from .data import inspect_file
+    from .metrics.features import file_features
+    info = inspect_file(a.file)
+    geo = _geometry(a.geometry) if a.geometry else info.geometry()
+    ff = file_features(a.file, geo, max_events=a.max_events, progress=True)
+    f = ff.features
+    resp = f["E_tot"] / f["E_inc"]
+    print(f"{a.file}: {info.n_events} showers x {info.n_voxels} voxels ({geo.name}), dtype {info.dtype}")
+    print(f"  incident energy  {f['E_inc'].min() / 1e3:.4g} - {f['E_inc'].max() / 1e3:.4g} GeV")
+    print(f"  E_tot/E_inc      mean {resp.mean():.4f}  rms {resp.std():.4f}")
+    print(f"  sparsity         mean {f['sparsity'].mean():.4f} (fraction of empty voxels)")
+    print(f"  max voxel        {ff.voxel_max:.4g} MeV")
+    depth = (f["E_layer"] * geo.relevant_layers).sum(1) / (f["E_layer"].sum(1) + 1e-16)
+    print(f"  mean depth       layer {depth.mean():.2f} (energy-weighted)")
+    if a.plot:
+        from .plots import plot_summary
+        print(f"  plot             {plot_summary(ff, geo, a.plot)}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "ds2_gflash.h5"
+    if not data.exists():
+        cmd_gflash(argparse.Namespace(geometry="ds2", n=a.n, energies="log-uniform:1GeV:1TeV", seed=a.seed,
+                                      chunk=5000, force=False, c_s=0.12, substeps=8, output=data, summary=False))
+    return cmd_info(argparse.Namespace(file=data, geometry="ds2", max_events=None, plot=out / "ds2_gflash.png"))
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="calofast", description="Fast calorimeter-shower simulation with "
+                                "diffusion models (CaloChallenge format).")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("gflash", help="simulate GFlash showers into a CaloChallenge HDF5 file",
+                       description="Simulate parameterised (GFlash) EM showers in the Par04 W/Si "
+                       "calorimeter, written in the CaloChallenge format.")
+    g.add_argument("--geometry", default="ds2", help="ds2, ds3 or a binning XML (default ds2)")
+    g.add_argument("--n", type=int, default=10_000, help="number of showers (default 10000)")
+    g.add_argument("--energies", default="log-uniform:1GeV:1TeV",
+                   help="spectrum: log-uniform:1GeV:1TeV (default), uniform:A:B, fixed:E, ds1-photons")
+    g.add_argument("--seed", type=int, default=0, help="random seed (event k depends only on seed, k)")
+    g.add_argument("--chunk", type=int, default=5000, help="showers per written chunk")
+    g.add_argument("--c-s", type=float, default=0.12, help="sampling term c_s (default 0.12)")
+    g.add_argument("--substeps", type=int, default=8, help="longitudinal sub-steps per layer")
+    g.add_argument("--summary", action="store_true", help="print a summary and plot it beside the file")
+    g.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    g.add_argument("-o", "--output", required=True, help="output .h5 file")
+    g.set_defaults(func=cmd_gflash)
+
+    i = sub.add_parser("info", help="check a CaloChallenge file and print its summary",
+                       description="Validate a CaloChallenge HDF5 file and summarise its showers.")
+    i.add_argument("file", type=Path)
+    i.add_argument("--geometry", help="geometry (default: from the voxel count)")
+    i.add_argument("--max-events", type=int, help="only the first N showers")
+    i.add_argument("--plot", type=Path, help="write a summary plot (PNG) here")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="the main job on the built-in default (GFlash DS2)",
+                       description="Simulate a GFlash DS2 data set and summarise it.")
+    d.add_argument("--n", type=int, default=10_000, help="GFlash showers (default 10000)")
+    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("-o", "--output", default="demo", help="output folder (default demo/)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, OSError, KeyError) as err:
+        if os.environ.get("CALOFAST_DEBUG"):
+            raise
+        msg = str(err).strip("'\"") or type(err).__name__
+        print(f"calofast: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("calofast: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,207 @@
+"""CaloChallenge HDF5 files: validated, streaming reads and atomic, chunked writes.
+
+Layout (CaloChallenge README; `evaluate.py: check_file`): two datasets, gzip-compressed,
+``incident_energies`` [N, 1] and ``showers`` [N, n_voxels], both in MeV, voxels in the flat
+CaloChallenge order of `geometry.py`. Readers accept float32 and float64; calofast writes float32.
+
+Every problem is reported as a `ShowerFileError` (a ValueError) naming the file and what is wrong.
+Writes go to a temporary file beside the target and are renamed on success, so an interrupted
+write never leaves a half file under the final name; an existing file is kept unless `force`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from .geometry import Geometry, geometry_for_voxels
+
+__all__ = ["ShowerFileError", "ShowerFileInfo", "inspect_file", "iter_showers", "read_showers",
+           "ShowerWriter", "write_showers", "check_values"]
+
+ENERGIES, SHOWERS = "incident_energies", "showers"
+
+
+class ShowerFileError(ValueError):
+    """A CaloChallenge file that cannot be used, with the file named in the message."""
+
+
+@dataclass(frozen=True)
+class ShowerFileInfo:
+    path: Path
+    n_events: int
+    n_voxels: int
+    dtype: np.dtype
+
+    def geometry(self) -> Geometry:
+        try:
+            return geometry_for_voxels(self.n_voxels)
+        except ValueError as err:
+            raise ShowerFileError(f"{self.path}: {err}") from None
+
+
+def _open(path: Path) -> h5py.File:
+    if not path.exists():
+        raise ShowerFileError(f"{path}: no such file")
+    if path.is_dir():
+        raise ShowerFileError(f"{path}: is a directory, not an HDF5 file")
+    if not h5py.is_hdf5(path):
+        raise ShowerFileError(f"{path}: not an HDF5 file (no HDF5 signature)")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise ShowerFileError(f"{path}: cannot open HDF5 file, truncated or corrupt ({err})") from None
+
+
+def inspect_file(path: "str | Path", geometry: Geometry | None = None) -> ShowerFileInfo:
+    """Check the structure of a CaloChallenge file (datasets, shapes, counts) without reading data."""
+    path = Path(path)
+    with _open(path) as f:
+        for name in (ENERGIES, SHOWERS):
+            if name not in f:
+                raise ShowerFileError(f"{path}: missing dataset '{name}' (found: {', '.join(f.keys()) or 'nothing'})")
+            if not isinstance(f[name], h5py.Dataset):
+                raise ShowerFileError(f"{path}: '{name}' is a group, not a dataset")
+        e, s = f[ENERGIES], f[SHOWERS]
+        if s.ndim != 2:
+            raise ShowerFileError(f"{path}: 'showers' must be 2-D [N, voxels], has shape {s.shape}")
+        if e.ndim not in (1, 2) or (e.ndim == 2 and e.shape[1] != 1):
+            raise ShowerFileError(f"{path}: 'incident_energies' must be [N, 1], has shape {e.shape}")
+        if e.shape[0] != s.shape[0]:
+            raise ShowerFileError(f"{path}: {e.shape[0]} incident energies but {s.shape[0]} showers")
+        for name, ds in ((ENERGIES, e), (SHOWERS, s)):
+            if ds.dtype.kind != "f":
+                raise ShowerFileError(f"{path}: '{name}' has dtype {ds.dtype}, expected floating point")
+        info = ShowerFileInfo(path, int(s.shape[0]), int(s.shape[1]), s.dtype)
+    if info.n_events == 0:
+        raise ShowerFileError(f"{path}: holds no events")
+    if geometry is not None and info.n_voxels != geometry.n_voxels:
+        raise ShowerFileError(f"{path}: {info.n_voxels} voxels per shower, but geometry "
+                              f"{geometry.name} has {geometry.n_voxels}")
+    return info
+
+
+def check_values(path: "str | Path", energies: np.ndarray, showers: np.ndarray, first: int = 0) -> None:
+    """Raise a ShowerFileError for NaN/inf, negative voxel energies or non-positive incident energies."""
+    def where(mask: np.ndarray) -> str:
+        rows = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)) + first
+        return f"event {rows[0]}" + (f" and {len(rows) - 1} more" if len(rows) > 1 else "")
+
+    if not np.all(np.isfinite(energies)):
+        raise ShowerFileError(f"{path}: non-finite incident energy at {where(~np.isfinite(energies))}")
+    if np.any(energies <= 0):
+        raise ShowerFileError(f"{path}: non-positive incident energy at {where(energies <= 0)}")
+    finite = np.isfinite(showers)
+    if not finite.all():
+        raise ShowerFileError(f"{path}: NaN or inf voxel energy at {where(~finite)}")
+    if np.any(showers < 0):
+        raise ShowerFileError(f"{path}: negative voxel energy at {where(showers < 0)}")
+
+
+def iter_showers(path: "str | Path", batch_size: int = 10_000, *, geometry: Geometry | None = None,
+                 start: int = 0, stop: int | None = None, validate: bool = True
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (incident_energies [b] MeV, showers [b, V] MeV) float32 batches, never the whole file.
+
+    Memory stays at about one batch (plus HDF5's chunk cache) whatever the file size.
+    """
+    path = Path(path)
+    info = inspect_file(path, geometry)
+    stop = info.n_events if stop is None else min(stop, info.n_events)
+    with _open(path) as f:
+        e_ds, s_ds = f[ENERGIES], f[SHOWERS]
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            try:
+                energies = np.asarray(e_ds[lo:hi], dtype=np.float32).reshape(-1)
+                showers = np.asarray(s_ds[lo:hi], dtype=np.float32)
+            except (OSError, RuntimeError) as err:
+                raise ShowerFileError(f"{path}: cannot read events {lo}-{hi}, file truncated or corrupt ({err})") from None
+            if validate:
+                check_values(path, energies, showers, first=lo)
+            yield energies, showers
+
+
+def read_showers(path: "str | Path", *, geometry: Geometry | None = None, start: int = 0,
+                 stop: int | None = None, validate: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Read events [start, stop) into memory: (incident_energies [N], showers [N, V]), float32 MeV."""
+    parts = list(iter_showers(path, 50_000, geometry=geometry, start=start, stop=stop, validate=validate))
+    if not parts:
+        raise ShowerFileError(f"{path}: no events in range [{start}, {stop})")
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+class ShowerWriter:
+    """Append batches to a new CaloChallenge file; the file appears under its name only on `close()`.
+
+    Use as a context manager: an exception inside the block removes the temporary file and leaves any
+    existing file untouched.
+    """
+
+    def __init__(self, path: "str | Path", n_voxels: int, *, force: bool = False,
+                 chunk_rows: int = 256, compression_level: int = 4, attrs: dict | None = None):
+        self.path = Path(path)
+        if self.path.exists() and not force:
+            raise ShowerFileError(f"{self.path}: exists already; refusing to overwrite (use --force)")
+        if self.path.is_dir():
+            raise ShowerFileError(f"{self.path}: is a directory")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.n_voxels, self.n = n_voxels, 0
+        self._f = h5py.File(self.tmp, "w")
+        gz = dict(compression="gzip", compression_opts=compression_level)
+        self._e = self._f.create_dataset(ENERGIES, (0, 1), maxshape=(None, 1), dtype="f4", chunks=(4096, 1), **gz)
+        self._s = self._f.create_dataset(SHOWERS, (0, n_voxels), maxshape=(None, n_voxels), dtype="f4",
+                                         chunks=(max(1, min(chunk_rows, 2**20 // n_voxels)), n_voxels), **gz)
+        for key, value in (attrs or {}).items():
+            self._f.attrs[key] = value
+
+    def write(self, energies: np.ndarray, showers: np.ndarray) -> None:
+        energies = np.asarray(energies, dtype=np.float32).reshape(-1, 1)
+        showers = np.asarray(showers, dtype=np.float32)
+        if showers.ndim != 2 or showers.shape[1] != self.n_voxels or showers.shape[0] != energies.shape[0]:
+            raise ValueError(f"{self.path}: batch shapes {energies.shape}, {showers.shape} do not fit "
+                             f"[N, 1], [N, {self.n_voxels}]")
+        check_values(self.path, energies, showers, first=self.n)
+        lo, hi = self.n, self.n + energies.shape[0]
+        self._e.resize(hi, axis=0)
+        self._s.resize(hi, axis=0)
+        self._e[lo:hi] = energies
+        self._s[lo:hi] = showers
+        self.n = hi
+
+    def close(self) -> Path:
+        """Finish the file and move it to its final name (atomic rename)."""
+        self._f.flush()
+        self._f.close()
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ShowerWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_showers(path: "str | Path", energies: np.ndarray, showers: np.ndarray, *, force: bool = False,
+                  attrs: dict | None = None) -> Path:
+    """Write one in-memory set of showers as a CaloChallenge file (atomically)."""
+    with ShowerWriter(path, np.asarray(showers).shape[1], force=force, attrs=attrs) as w:
+        w.write(energies, showers)
+    return w.path

@@ -1,0 +1,1 @@
+"""CaloChallenge evaluation metrics: features, histogram comparisons, classifier test, FPD/KPD."""

@@ -1,0 +1,73 @@
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from calofast.cli import build_parser, main
+from calofast.data import read_showers
+
+from conftest import reference_dir
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    names = list(parser._subparsers._group_actions[0].choices)
+    assert {"gflash", "info", "demo"} <= set(names)
+    for name in names:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "usage: calofast " + name in capsys.readouterr().out
+
+
+def test_python_dash_m_entry():
+    r = subprocess.run([sys.executable, "-m", "calofast", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "gflash" in r.stdout
+
+
+def test_gflash_cli_writes_official_layout(tmp_path, capsys):
+    out = tmp_path / "x.h5"
+    assert main(["gflash", "--geometry", "ds2", "--n", "30", "--seed", "1", "--chunk", "7", "-o", str(out)]) == 0
+    with h5py.File(out) as f:
+        assert f["incident_energies"].shape == (30, 1) and f["showers"].shape == (30, 6480)
+    # Same seed, other chunk size: identical file contents.
+    out2 = tmp_path / "y.h5"
+    assert main(["gflash", "--n", "30", "--seed", "1", "--chunk", "30", "-o", str(out2)]) == 0
+    np.testing.assert_array_equal(read_showers(out)[1], read_showers(out2)[1])
+    # Refuses to overwrite without --force: one line, exit code 2.
+    assert main(["gflash", "--n", "5", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("calofast: error:") and "refusing to overwrite" in err
+
+
+@pytest.mark.skipif(reference_dir() is None, reason="official binning XMLs not found")
+def test_xml_geometry_gives_identical_file(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    main(["gflash", "--geometry", "ds2", "--n", "20", "--seed", "4", "-o", str(a)])
+    main(["gflash", "--geometry", str(reference_dir() / "binning_dataset_2.xml"), "--n", "20", "--seed", "4", "-o", str(b)])
+    for x, y in zip(read_showers(a), read_showers(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["info", "missing.h5"], "no such file"),
+    (["gflash", "--geometry", "ds1-photons", "--n", "3", "-o", "z.h5"], "no material description"),
+    (["gflash", "--energies", "log-uniform:1TeV:1GeV", "--n", "3", "-o", "z.h5"], "upper bound"),
+    (["gflash", "--energies", "fixed:10MeV", "--n", "3", "-o", "z.h5"], "below the GFlash domain"),
+])
+def test_bad_input_gives_one_line(tmp_path, monkeypatch, capsys, args, match):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("calofast: error:") and match in err and err.count("\n") == 1, err
+    assert not (tmp_path / "z.h5").exists()
+
+
+def test_info_prints_summary_and_plot(tmp_path, capsys):
+    out = tmp_path / "x.h5"
+    main(["gflash", "--n", "40", "--seed", "2", "-o", str(out)])
+    assert main(["info", str(out), "--plot", str(tmp_path / "x.png")]) == 0
+    text = capsys.readouterr().out
+    assert "E_tot/E_inc" in text and (tmp_path / "x.png").stat().st_size > 10_000
