@@ -55,6 +55,61 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    from .config import apply_overrides, get_preset
+    from .train import train_model
+    cfg = apply_overrides(get_preset(a.preset), a.set or [])
+    path = train_model(cfg, a.data, a.output, preset=a.preset)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"bundle: {path}")
+    return 0
+
+
+def cmd_distill(a: argparse.Namespace) -> int:
+    from .checkpoint import load_bundle
+    from .config import apply_overrides
+    from .distill import distill_consistency, distill_progressive
+    base = load_bundle(a.teacher).config
+    sets = list(a.set or [])
+    if a.method == "progressive":
+        sets += [f"distill.start_steps={a.start_steps}", f"distill.to_steps={a.to_steps}"]
+    cfg = apply_overrides(base, sets)
+    if a.method == "progressive":
+        out = distill_progressive(a.teacher, a.data, a.output, cfg)
+    else:
+        out = [distill_consistency(a.teacher, a.data, a.output, cfg)]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("bundles: " + ", ".join(str(p) for p in out))
+    return 0
+
+
+def _energies(a: argparse.Namespace, bundle) -> "np.ndarray":
+    import numpy as np
+    from .data import read_showers
+    from .energies import parse_spectrum
+    if a.energies_from:
+        e, _ = read_showers(a.energies_from, stop=a.n, validate=False)
+        return e.astype(np.float64)
+    if a.n is None:
+        raise ValueError("--n is required unless --energies-from gives the events")
+    if a.energies:
+        return parse_spectrum(a.energies).sample(a.seed, range(a.n))
+    lo, hi = bundle.transform.energy_range
+    return np.exp(np.log(lo) + np.random.default_rng(a.seed).random(a.n) * np.log(hi / lo))
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .checkpoint import load_bundle
+    from .generate import generate_file
+    bundle = load_bundle(a.model, device=a.device)
+    knobs = {"eta": a.eta} if a.eta is not None else {}
+    stats = generate_file(bundle, a.output, _energies(a, bundle), seed=a.seed, sampler=a.sampler, steps=a.steps,
+                          batch_size=a.batch_size, bf16=a.dtype == "bf16", force=a.force, knobs=knobs)
+    print(f"wrote {stats.n} showers to {stats.path}: sampler {stats.sampler}, {stats.steps} steps, "
+          f"NFE {stats.nfe}, {stats.showers_per_s:.1f} showers/s on {a.device} ({a.dtype})")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,6 +150,47 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--max-events", type=int, help="only the first N showers")
     i.add_argument("--plot", type=Path, help="write a summary plot (PNG) here")
     i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("train", help="train a diffusion model (torchrun for several GPUs/processes)",
+                       description="Train a denoiser on a CaloChallenge file. Resumes when re-run with the "
+                       "same output folder. Multi-GPU: torchrun --nproc-per-node N -m calofast train ...")
+    t.add_argument("--data", required=True, help="training file (CaloChallenge HDF5)")
+    t.add_argument("--preset", default="ds2-unet", help="named config (tiny, ds2-unet, ds2-edm, ds2-transformer, ...)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4 (repeatable)")
+    t.add_argument("-o", "--output", required=True, help="run folder (config.json, stats.jsonl, model.safetensors)")
+    t.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="sample showers from a model bundle into a CaloChallenge file",
+                         description="Generate showers with any sampler. Distilled bundles bring their own "
+                         "sampler and steps.")
+    gen.add_argument("--model", required=True, help="model bundle (.safetensors)")
+    gen.add_argument("--sampler", help="ddpm, ddim, euler, heun, dpmpp-2m, dpmpp-2m-sde, consistency "
+                     "(default: the bundle's own, else dpmpp-2m)")
+    gen.add_argument("--steps", type=int, help="sampler steps (default: the bundle's own, else 20)")
+    gen.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default 0)")
+    gen.add_argument("--n", type=int, help="number of showers")
+    gen.add_argument("--energies", help="spectrum, e.g. log-uniform:1GeV:1TeV (default: the model's range)")
+    gen.add_argument("--energies-from", help="take incident energies event by event from this file")
+    gen.add_argument("--seed", type=int, default=0, help="seed; shower k depends only on (seed, k)")
+    gen.add_argument("--batch-size", type=int, default=1000)
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    gen.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    gen.add_argument("--force", action="store_true", help="overwrite the output")
+    gen.add_argument("-o", "--output", required=True)
+    gen.set_defaults(func=cmd_generate)
+
+    ds = sub.add_parser("distill", help="distil a teacher into a few-step student (progressive or consistency)",
+                        description="Progressive distillation down to 1 step, or consistency distillation. "
+                        "Resumable; multi-GPU through torchrun like training.")
+    ds.add_argument("method", choices=("progressive", "consistency"))
+    ds.add_argument("--teacher", required=True, help="teacher bundle (.safetensors)")
+    ds.add_argument("--data", required=True, help="training showers (CaloChallenge HDF5)")
+    ds.add_argument("--start-steps", type=int, default=128, help="progressive: teacher steps of the first stage")
+    ds.add_argument("--to-steps", type=int, default=1, help="progressive: final student steps")
+    ds.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override, e.g. distill.showers_per_stage=200000, distill.cm_steps=40")
+    ds.add_argument("-o", "--output", required=True, help="run folder")
+    ds.set_defaults(func=cmd_distill)
 
     d = sub.add_parser("demo", help="the main job on the built-in default (GFlash DS2)",
                        description="Simulate a GFlash DS2 data set and summarise it.")

@@ -1,0 +1,206 @@
+"""Typed configuration: frozen dataclasses are the only defaults; presets are named Python values.
+
+`Config` nests `NetworkConfig`, `TransformConfig`, `DiffusionConfig`, `TrainConfig` and `DistillConfig`.
+`apply_overrides(cfg, ["train.lr=2e-4", ...])` parses each value to the field's annotated type and
+raises on unknown keys; `to_dict` / `from_dict` round-trip through JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+__all__ = ["NetworkConfig", "TransformConfig", "DiffusionConfig", "TrainConfig", "DistillConfig", "Config",
+           "PRESETS", "get_preset", "apply_overrides", "to_dict", "from_dict"]
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    arch: Literal["unet", "transformer"] = "unet"
+    channels: tuple[int, ...] = (32, 64, 128)      # U-Net: channels per level
+    blocks: int = 1                                 # U-Net: residual blocks per level
+    attention_levels: tuple[int, ...] = (2,)        # U-Net: levels with self-attention
+    heads: int = 4
+    emb_dim: int = 128
+    dropout: float = 0.0
+    patch: tuple[int, int, int] = (3, 4, 3)         # transformer: cells per token (L, A, R)
+    width: int = 192                                # transformer: token width
+    depth: int = 6                                  # transformer: blocks
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    kind: Literal["log1p", "logit"] = "log1p"
+    scale_mev: float = 0.0                          # log1p scale; 0 = the geometry's voxel threshold
+    alpha: float = 1e-6                             # logit regulariser
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    param: Literal["eps", "v", "x0", "edm"] = "v"
+    schedule: Literal["cosine", "linear"] = "cosine"   # discrete VP table (eps, v, x0)
+    timesteps: int = 400                                # T of the discrete table
+    sigma_data: float = 0.0                             # EDM: 0 = measure from the preprocessed data
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    showers: int = 1_000_000             # training length, counted in showers seen
+    batch_size: int = 256                # global batch (split over ranks)
+    lr: float = 2e-4
+    lr_min_ratio: float = 0.05           # cosine decay to lr * lr_min_ratio
+    warmup_showers: int = 20_000
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_halflife_showers: int = 50_000   # EMA half-life (EDM style), ramped up early in training
+    ema_rampup: float = 0.05
+    bf16: bool = True                    # autocast on CUDA
+    compile: bool = False                # torch.compile the network
+    seed: int = 0
+    checkpoint_showers: int = 100_000    # write resume state + bundle every this many showers
+    log_showers: int = 10_000
+    max_events: int = 0                  # use at most this many training showers (0 = all)
+    max_seconds: float = 0.0             # stop cleanly (resumable) after this wall time (0 = no limit)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    method: Literal["progressive", "consistency"] = "progressive"
+    start_steps: int = 128               # progressive: teacher grid of the first stage (student halves it)
+    to_steps: int = 1                    # progressive: final student steps
+    showers_per_stage: int = 500_000     # progressive: training length of each halving
+    cm_showers: int = 2_000_000          # consistency: training length
+    lr: float = 1e-4                     # learning rate of both methods (optimiser reset per PD stage)
+    rho: float = 7.0                     # Karras grid exponent
+    sigma_max: float = 0.0               # 0 = teacher's, capped at 160 sigma_data
+    cm_steps: int = 40                   # consistency: Karras grid points N
+    cm_ema: float = 0.95                 # consistency: target EMA decay mu
+    cm_loss: Literal["l2", "pseudo_huber"] = "pseudo_huber"
+    cm_sampler_steps: tuple[int, ...] = (1, 2)
+
+
+@dataclass(frozen=True)
+class Config:
+    geometry: str = "ds2"
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+PRESETS: dict[str, Config] = {
+    # Smoke runs on CPU: a ~70k-parameter U-Net, trains in under a minute.
+    "tiny": Config(network=NetworkConfig(channels=(4, 8, 16), attention_levels=(2,), heads=2, emb_dim=32),
+                   train=TrainConfig(showers=2_000, batch_size=32, lr=2e-3, warmup_showers=200,
+                                     ema_halflife_showers=1_000, checkpoint_showers=1_000, log_showers=500)),
+    "tiny-transformer": Config(network=NetworkConfig(arch="transformer", width=32, depth=2, heads=2, emb_dim=32),
+                               train=TrainConfig(showers=2_000, batch_size=32, lr=2e-3, warmup_showers=200,
+                                                 ema_halflife_showers=1_000, checkpoint_showers=1_000,
+                                                 log_showers=500)),
+    # The shipped DS2 teacher: 400-step DDPM cosine schedule, v-prediction, lean U-Net.
+    "ds2-unet": Config(network=NetworkConfig(channels=(16, 32, 64), blocks=1, attention_levels=(2,))),
+    "ds2-edm": Config(network=NetworkConfig(channels=(16, 32, 64)), diffusion=DiffusionConfig(param="edm")),
+    "ds2-transformer": Config(network=NetworkConfig(arch="transformer", patch=(3, 4, 3), width=256, depth=8,
+                                                    heads=8, emb_dim=256)),
+    "ds3-unet": Config(geometry="ds3", network=NetworkConfig(channels=(16, 32, 64), attention_levels=(2,)),
+                       train=TrainConfig(batch_size=64)),
+}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _parse(value: str, typ, key: str):
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        allowed = typing.get_args(typ)
+        if value not in allowed:
+            raise ValueError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(typ)
+        items = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        elem = args[0]
+        if len(args) != 2 or args[1] is not Ellipsis:
+            if len(items) != len(args):
+                raise ValueError(f"{key}: expected {len(args)} comma-separated values, got {value!r}")
+        return tuple(_parse(v.strip(), elem, key) for v in items)
+    if typ is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    try:
+        if typ is int:
+            number = float(value.replace("_", ""))
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        if typ is float:
+            return float(value)
+    except ValueError:
+        raise ValueError(f"{key}: cannot read {value!r} as {typ.__name__}") from None
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.field=value` overrides (or `geometry=ds3`); unknown keys raise ValueError."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        cfg = _set(cfg, parts, value.strip(), key)
+    return cfg
+
+
+def _set(obj, parts: list[str], value: str, key: str):
+    hints = typing.get_type_hints(type(obj))
+    name = parts[0]
+    if name not in hints:
+        raise ValueError(f"unknown config key {key!r} (no field {name!r} in {type(obj).__name__}; "
+                         f"fields: {', '.join(hints)})")
+    if len(parts) == 1:
+        if dataclasses.is_dataclass(hints[name]):
+            raise ValueError(f"{key!r} is a section; set one of its fields")
+        return replace(obj, **{name: _parse(value, hints[name], key)})
+    sub = getattr(obj, name)
+    if not dataclasses.is_dataclass(sub):
+        raise ValueError(f"unknown config key {key!r}")
+    return replace(obj, **{name: _set(sub, parts[1:], value, key)})
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict, cls=Config):
+    """Rebuild a config from `to_dict` output; unknown keys raise (the file is from another version)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+        if key not in hints:
+            raise ValueError(f"unknown config key {key!r} for {cls.__name__}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = from_dict(value, typ)
+        elif typing.get_origin(typ) is tuple:
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def dumps(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)

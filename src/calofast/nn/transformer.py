@@ -1,0 +1,95 @@
+"""Transformer backbone F(x_in, c_noise, cond) over patches of the cylinder grid (DiT-style, adaLN-Zero).
+
+Patches of (pl, pa, pr) cells become tokens (the grid is zero-padded up to a multiple of the patch),
+with a learned position embedding; each block modulates LayerNorm by the noise/condition embedding
+(Peebles & Xie, arXiv:2212.09748) and attends through `scaled_dot_product_attention`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .unet import Embedding
+
+__all__ = ["Transformer3D"]
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, heads: int, emb_dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.ada = nn.Linear(emb_dim, 6 * width)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        s1, b1, g1, s2, b2, g2 = self.ada(emb)[:, None, :].chunk(6, dim=2)
+        B, N, C = x.shape
+        h = self.norm1(x) * (1 + s1) + b1
+        q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        x = x + g1 * self.proj(h)
+        return x + g2 * self.mlp(self.norm2(x) * (1 + s2) + b2)
+
+
+class Transformer3D(nn.Module):
+    """Patch transformer.
+
+    Args:
+        grid: (L, A, R) of the geometry.
+        patch: cells per token along (L, A, R).
+        width: token width.
+        depth: number of transformer blocks.
+        heads: attention heads.
+        emb_dim: width of the noise/condition embedding.
+        cond_dim: length of the condition vector.
+    """
+
+    def __init__(self, grid: tuple[int, int, int], patch: tuple[int, int, int] = (3, 4, 3), width: int = 192,
+                 depth: int = 6, heads: int = 6, emb_dim: int = 192, cond_dim: int = 1):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} does not split into {heads} heads")
+        self.grid, self.patch = tuple(grid), tuple(patch)
+        self.padded = tuple(math.ceil(g / p) * p for g, p in zip(grid, patch))
+        self.tokens = tuple(g // p for g, p in zip(self.padded, patch))
+        n_tok, p_vol = math.prod(self.tokens), math.prod(patch)
+        self.emb = Embedding(emb_dim, cond_dim)
+        self.embed = nn.Linear(p_vol, width)
+        self.pos = nn.Parameter(torch.randn(1, n_tok, width) * 0.02)
+        self.blocks = nn.ModuleList([_Block(width, heads, emb_dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Linear(emb_dim, 2 * width)
+        self.head = nn.Linear(width, p_vol)
+        for layer in (self.ada, self.head):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        (L, A, R), (pl, pa, pr), (tl, ta, tr) = self.padded, self.patch, self.tokens
+        x = F.pad(x, (0, R - self.grid[2], 0, A - self.grid[1], 0, L - self.grid[0]))
+        x = x.reshape(x.shape[0], tl, pl, ta, pa, tr, pr).permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(x.shape[0], tl * ta * tr, pl * pa * pr)
+
+    def _unpatchify(self, t: torch.Tensor) -> torch.Tensor:
+        (pl, pa, pr), (tl, ta, tr) = self.patch, self.tokens
+        x = t.reshape(t.shape[0], tl, ta, tr, pl, pa, pr).permute(0, 1, 4, 2, 5, 3, 6)
+        x = x.reshape(t.shape[0], 1, tl * pl, ta * pa, tr * pr)
+        return x[:, :, : self.grid[0], : self.grid[1], : self.grid[2]]
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        emb = self.emb(c_noise, cond)
+        h = self.embed(self._patchify(x)) + self.pos
+        for block in self.blocks:
+            h = block(h, emb)
+        shift, scale = self.ada(emb)[:, None, :].chunk(2, dim=2)
+        return self._unpatchify(self.head(self.norm(h) * (1 + scale) + shift))

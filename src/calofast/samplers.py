@@ -1,0 +1,277 @@
+"""Samplers: pure functions over a Denoiser, one signature, loops over public step functions.
+
+    sampler(denoiser, noise, sigmas, cond, *, rng=None, **knobs) -> x0
+
+`noise` is unit-variance [B, ...]; `sigmas` a decreasing 1-D float64 grid (CPU) ending in 0 (in
+sigma_min for the consistency sampler); `cond` is passed through untouched; `rng` (an EventRNG)
+supplies the fresh noise of stochastic samplers, which raise without it. No @torch.no_grad here: the
+caller decides. Formulas: spec `samplers.md` section 5 (Karras et al. 2022; Lu et al. 2022; Ho et al.
+2020; Song et al. 2021; Song et al. 2023).
+
+* euler              DDIM(eta=0) = Euler on the probability-flow ODE in sigma (5.1)
+* ddim               DDIM with any eta = Euler-ancestral (5.2)
+* ddpm               DDPM ancestral, classic VP update with posterior variance; on a subset of the
+                     table this is strided (respaced) DDPM (5.3, 5.4)
+* heun               EDM Algorithm 2 with churn (S_churn, S_min, S_max, S_noise); last step Euler (5.5)
+* dpmpp_2m           DPM-Solver++(2M), lower-order final steps (5.6)
+* dpmpp_2m_sde       DPM-Solver++(2M) SDE, midpoint (5.7)
+* consistency        multistep consistency sampling (5.9)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["CountingDenoiser", "euler_step", "ddim_step", "ddpm_step", "heun_step", "dpmpp_2m_step",
+           "dpmpp_2m_sde_step", "consistency_step", "euler", "ddim", "ddpm", "heun", "dpmpp_2m", "dpmpp_2m_sde",
+           "consistency", "SamplerInfo", "SAMPLERS"]
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts its calls: the NFE that samplers report is measured, not computed."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.nfe = denoiser, 0
+
+    def __getattr__(self, name):
+        return getattr(self.denoiser, name)
+
+    def __call__(self, x, sigma, cond):
+        self.nfe += 1
+        return self.denoiser(x, sigma, cond)
+
+
+def _call(denoiser, x: torch.Tensor, sigma, cond: torch.Tensor) -> torch.Tensor:
+    if isinstance(sigma, torch.Tensor):
+        return denoiser(x, sigma.reshape(-1).to(x.dtype), cond)
+    return denoiser(x, x.new_full((x.shape[0],), sigma), cond)
+
+
+def _col(sigma, x: torch.Tensor):
+    """A per-event sigma tensor [B] as a column broadcasting against x; floats pass through."""
+    if isinstance(sigma, torch.Tensor):
+        return sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    return sigma
+
+
+def _need(rng, name: str):
+    if rng is None:
+        raise ValueError(f"{name} is stochastic: pass rng (an EventRNG)")
+    return rng
+
+
+# ---------------------------------------------------------------------------------------- steps
+def euler_step(denoiser, x, sigma, sigma_next, cond, denoised=None):
+    """x + (sigma_next - sigma) d, d = (x - D)/sigma. Returns (x_next, denoised).
+
+    sigma, sigma_next: floats, or per-event tensors [B] (distillation draws a step per event).
+    """
+    if denoised is None:
+        denoised = _call(denoiser, x, sigma, cond)
+    s, s_next = _col(sigma, x), _col(sigma_next, x)
+    d = (x - denoised) / s
+    return x + (s_next - s) * d, denoised
+
+
+def ancestral_sigmas(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of k-diffusion `get_ancestral_step`."""
+    if sigma_next == 0 or eta == 0:
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
+    return math.sqrt(sigma_next ** 2 - up ** 2), up
+
+
+def ddim_step(denoiser, x, sigma: float, sigma_next: float, cond, *, eta: float = 0.0, rng=None):
+    """DDIM(eta) as Euler-ancestral: Euler to sigma_down, then add sigma_up fresh noise."""
+    down, up = ancestral_sigmas(sigma, sigma_next, eta)
+    x, denoised = euler_step(denoiser, x, sigma, down, cond)
+    if up > 0:
+        x = x + up * _need(rng, "ddim with eta > 0").randn_like(x)
+    return x, denoised
+
+
+def ddpm_step(denoiser, x, sigma: float, sigma_next: float, cond, *, rng=None):
+    """One DDPM ancestral step in the classic VP form (Ho et al. eq. 11, posterior variance beta~).
+
+    With abar = 1/(1+sigma^2): alpha_t = abar_t / abar_prev, beta_t = 1 - alpha_t,
+    z_prev = (z_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sqrt(beta~_t) noise,
+    beta~_t = beta_t (1 - abar_prev) / (1 - abar_t); z = sqrt(abar) x.
+    """
+    denoised = _call(denoiser, x, sigma, cond)
+    abar, abar_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
+    alpha = abar / abar_prev
+    beta = 1 - alpha
+    eps = (x - denoised) / sigma
+    z = math.sqrt(abar) * x
+    z_prev = (z - beta / math.sqrt(1 - abar) * eps) / math.sqrt(alpha)
+    var = beta * (1 - abar_prev) / (1 - abar)
+    if var > 0:
+        z_prev = z_prev + math.sqrt(var) * _need(rng, "ddpm").randn_like(x)
+    return z_prev / math.sqrt(abar_prev), denoised
+
+
+def heun_step(denoiser, x, sigma, sigma_next, cond, *, gamma: float = 0.0, s_noise: float = 1.0,
+              rng=None):
+    """EDM Algorithm 2, one step: churn to sigma_hat = sigma (1 + gamma), Euler, then the trapezoidal
+    correction unless sigma_next = 0. Returns (x_next, denoised at sigma_hat).
+
+    Per-event tensor sigmas [B] are accepted without churn; they must then all be > 0 (distillation).
+    """
+    if isinstance(sigma, torch.Tensor):
+        if gamma > 0 or not bool((sigma_next > 0).all()):
+            raise ValueError("tensor sigmas need gamma = 0 and sigma_next > 0")
+        x_next, denoised = euler_step(denoiser, x, sigma, sigma_next, cond)
+        s, s_next = _col(sigma, x), _col(sigma_next, x)
+        d, d2 = (x - denoised) / s, (x_next - _call(denoiser, x_next, sigma_next, cond)) / s_next
+        return x + (s_next - s) * (d + d2) / 2, denoised
+    sigma_hat = sigma * (1 + gamma)
+    if gamma > 0:
+        x = x + math.sqrt(sigma_hat ** 2 - sigma ** 2) * s_noise * _need(rng, "heun with churn").randn_like(x)
+    denoised = _call(denoiser, x, sigma_hat, cond)
+    d = (x - denoised) / sigma_hat
+    x_next = x + (sigma_next - sigma_hat) * d
+    if sigma_next > 0:
+        d2 = (x_next - _call(denoiser, x_next, sigma_next, cond)) / sigma_next
+        x_next = x + (sigma_next - sigma_hat) * (d + d2) / 2
+    return x_next, denoised
+
+
+def dpmpp_2m_step(denoiser, x, sigma: float, sigma_next: float, cond, *, old_denoised=None,
+                  h_last: float | None = None, first_order: bool = False):
+    """DPM-Solver++(2M) step in t = -ln sigma. Returns (x_next, denoised, h)."""
+    denoised = _call(denoiser, x, sigma, cond)
+    if sigma_next == 0:
+        return denoised, denoised, math.inf
+    h = math.log(sigma) - math.log(sigma_next)
+    d = denoised
+    if old_denoised is not None and h_last is not None and not first_order:
+        r = h_last / h
+        d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+    return (sigma_next / sigma) * x - math.expm1(-h) * d, denoised, h
+
+
+def dpmpp_2m_sde_step(denoiser, x, sigma: float, sigma_next: float, cond, *, old_denoised=None,
+                      h_last: float | None = None, eta: float = 1.0, s_noise: float = 1.0, rng=None):
+    """DPM-Solver++(2M) SDE step (midpoint). Returns (x_next, denoised, h)."""
+    denoised = _call(denoiser, x, sigma, cond)
+    if sigma_next == 0:
+        return denoised, denoised, math.inf
+    h = math.log(sigma) - math.log(sigma_next)
+    eta_h = eta * h
+    g = -math.expm1(-h - eta_h)
+    x = (sigma_next / sigma) * math.exp(-eta_h) * x + g * denoised
+    if old_denoised is not None and h_last is not None:
+        r = h_last / h
+        x = x + 0.5 * g * (1 / r) * (denoised - old_denoised)
+    if eta > 0 and s_noise > 0:
+        x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise * _need(rng, "dpmpp-2m-sde").randn_like(x)
+    return x, denoised, h
+
+
+def consistency_step(denoiser, x, sigma: float, cond):
+    """One evaluation of the consistency function f(x, sigma) (the student's Denoiser)."""
+    return _call(denoiser, x, sigma, cond)
+
+
+# ---------------------------------------------------------------------------------------- samplers
+def _grid(sigmas: torch.Tensor) -> list[float]:
+    s = [float(v) for v in sigmas.detach().cpu().double()]
+    if len(s) < 2 or any(b >= a for a, b in zip(s, s[1:])):
+        raise ValueError("sigmas must be a decreasing grid of at least two entries")
+    return s
+
+
+def euler(denoiser, noise, sigmas, cond, *, rng=None):
+    s = _grid(sigmas)
+    x = noise * s[0]
+    for i in range(len(s) - 1):
+        x, _ = euler_step(denoiser, x, s[i], s[i + 1], cond)
+    return x
+
+
+def ddim(denoiser, noise, sigmas, cond, *, rng=None, eta: float = 0.0):
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    s = _grid(sigmas)
+    x = noise * s[0]
+    for i in range(len(s) - 1):
+        x, _ = ddim_step(denoiser, x, s[i], s[i + 1], cond, eta=eta, rng=rng)
+    return x
+
+
+def ddpm(denoiser, noise, sigmas, cond, *, rng=None):
+    s = _grid(sigmas)
+    x = noise * s[0]
+    for i in range(len(s) - 1):
+        x, _ = ddpm_step(denoiser, x, s[i], s[i + 1], cond, rng=rng)
+    return x
+
+
+def heun(denoiser, noise, sigmas, cond, *, rng=None, s_churn: float = 0.0, s_min: float = 0.0,
+         s_max: float = math.inf, s_noise: float = 1.0):
+    s = _grid(sigmas)
+    n = len(s) - 1
+    x = noise * s[0]
+    for i in range(n):
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_min <= s[i] <= s_max else 0.0
+        x, _ = heun_step(denoiser, x, s[i], s[i + 1], cond, gamma=gamma, s_noise=s_noise, rng=rng)
+    return x
+
+
+def default_lower_order_final(n: int) -> int:
+    """Steps at the end taken first order: 1 for >= 15 steps, 2 below (spec 5.6 default)."""
+    return 1 if n >= 15 else 2
+
+
+def dpmpp_2m(denoiser, noise, sigmas, cond, *, rng=None, lower_order_final: int | None = None):
+    s = _grid(sigmas)
+    n = len(s) - 1
+    k = default_lower_order_final(n) if lower_order_final is None else lower_order_final
+    x, old, h_last = noise * s[0], None, None
+    for i in range(n):
+        x, old, h_last = dpmpp_2m_step(denoiser, x, s[i], s[i + 1], cond, old_denoised=old, h_last=h_last,
+                                       first_order=i >= n - k)
+    return x
+
+
+def dpmpp_2m_sde(denoiser, noise, sigmas, cond, *, rng=None, eta: float = 1.0, s_noise: float = 1.0):
+    s = _grid(sigmas)
+    x, old, h_last = noise * s[0], None, None
+    for i in range(len(s) - 1):
+        x, old, h_last = dpmpp_2m_sde_step(denoiser, x, s[i], s[i + 1], cond, old_denoised=old, h_last=h_last,
+                                           eta=eta, s_noise=s_noise, rng=rng)
+    return x
+
+
+def consistency(denoiser, noise, sigmas, cond, *, rng=None):
+    """sigmas = [s_0 > ... > s_{K-1}, sigma_min]: K evaluations; between them re-noise to s_{k+1}."""
+    s = _grid(sigmas)
+    sigma_min, points = s[-1], s[:-1]
+    x = noise * points[0]
+    for k, sigma in enumerate(points):
+        x0 = consistency_step(denoiser, x, sigma, cond)
+        if k + 1 < len(points):
+            x = x0 + math.sqrt(points[k + 1] ** 2 - sigma_min ** 2) * _need(rng, "multistep consistency").randn_like(x0)
+    return x0
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    fn: Callable
+    stochastic: bool
+    grid: str                    # default grid: 'table' (discrete models) / 'karras' / 'consistency'
+    nfe: Callable[[int], int]    # expected NFE for N steps (a check; NFE reported is counted)
+
+
+SAMPLERS: dict[str, SamplerInfo] = {
+    "euler": SamplerInfo(euler, False, "karras", lambda n: n),
+    "ddim": SamplerInfo(ddim, False, "table", lambda n: n),           # stochastic when eta > 0
+    "ddpm": SamplerInfo(ddpm, True, "table", lambda n: n),
+    "heun": SamplerInfo(heun, False, "karras", lambda n: 2 * n - 1),  # stochastic when s_churn > 0
+    "dpmpp-2m": SamplerInfo(dpmpp_2m, False, "karras", lambda n: n),
+    "dpmpp-2m-sde": SamplerInfo(dpmpp_2m_sde, True, "karras", lambda n: n),
+    "consistency": SamplerInfo(consistency, True, "consistency", lambda n: n),
+}

@@ -1,0 +1,265 @@
+"""One generic training loop, used for teachers and for distillation.
+
+`fit(loss_fn, model, data, cfg, run_dir)`: AdamW, linear warm-up then cosine decay, gradient clipping,
+EMA of the weights with a half-life counted in showers (EDM), bf16 autocast on CUDA, optional
+torch.compile, a JSONL log (loss, lr, throughput) and a progress bar. Data-parallel through
+`torchrun` (DDP; NCCL on GPUs, gloo on CPU): the same command runs on one CPU, one GPU or several.
+Resumable: the state (weights, EMA, optimiser, counters, RNG) is written atomically every
+`checkpoint_showers`; re-running the same command after a kill continues from it.
+
+`train_model(...)` is the library form of `calofast train`: data -> fitted transform -> denoiser ->
+`fit` with the denoising loss -> bundle.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import file_sha256, load_state, save_bundle, save_state
+from .config import Config, TrainConfig, dumps
+from .data import inspect_file, iter_showers
+from .diffusion import Preconditioned, build_parameterisation, denoising_loss
+from .geometry import get_geometry
+from .nn import build_network
+from .transforms import Transform, fit_transform
+
+__all__ = ["Dist", "setup_distributed", "fit", "load_training_data", "train_model", "lr_at", "ema_beta"]
+
+log = logging.getLogger("calofast.train")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    """Read torchrun's environment; one process without it. NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, device)
+
+
+def lr_at(cfg: TrainConfig, shown: int) -> float:
+    """Linear warm-up over warmup_showers, then cosine decay to lr * lr_min_ratio at the end."""
+    if shown < cfg.warmup_showers:
+        return cfg.lr * (shown + cfg.batch_size) / (cfg.warmup_showers + cfg.batch_size)
+    frac = min(1.0, (shown - cfg.warmup_showers) / max(1, cfg.showers - cfg.warmup_showers))
+    floor = cfg.lr * cfg.lr_min_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * frac))
+
+
+def ema_beta(cfg: TrainConfig, shown: int) -> float:
+    """EMA decay per step for a half-life in showers, ramped up as ramp * shown early on (EDM)."""
+    half = cfg.ema_halflife_showers
+    if cfg.ema_rampup > 0:
+        half = min(half, cfg.ema_rampup * shown)
+    return 0.5 ** (cfg.batch_size / max(half, 1e-8))
+
+
+def _all_mean(value: float, d: Dist) -> float:
+    if d.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return float(t) / d.world
+
+
+def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg: TrainConfig, run_dir: Path,
+        *, on_checkpoint: Callable[[nn.Module, int], None] | None = None, dist_info: Dist | None = None,
+        desc: str = "train", after_step: Callable[[nn.Module], None] | None = None,
+        extra_modules: dict[str, nn.Module] | None = None) -> tuple[nn.Module, bool]:
+    """Train `model` on `data` (tensors indexed along dim 0, all on the training device).
+
+    `loss_fn(model, *batch, generator)` returns a scalar. `after_step(model)` runs after every
+    optimiser step (e.g. a consistency target EMA); `extra_modules` are saved in and restored from the
+    resume state with the rest. Returns (ema model, finished); finished is False when `max_seconds`
+    stopped the run early (re-run to continue).
+    """
+    extra_modules = extra_modules or {}
+    from tqdm import tqdm
+
+    d = dist_info or setup_distributed()
+    run_dir = Path(run_dir)
+    state_path = run_dir / "state.pt"
+    if cfg.batch_size % d.world:
+        raise ValueError(f"batch size {cfg.batch_size} does not split over {d.world} processes")
+    local_batch = cfg.batch_size // d.world
+    n_data = data[0].shape[0]
+    model.to(d.device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device=data[0].device)
+    gen.manual_seed(cfg.seed * 1009 + d.rank)
+    shown, step = 0, 0
+    if state_path.exists():
+        st = load_state(state_path)
+        model.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        shown, step = st["shown"], st["step"]
+        for name, module in extra_modules.items():
+            module.load_state_dict(st["extra"][name])
+        gen.set_state(st["gen"][d.rank] if d.rank < len(st["gen"]) else st["gen"][0])
+        if d.main:
+            log.info("resumed %s from %d showers", run_dir, shown)
+    fwd = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) \
+        if d.world > 1 else model
+    if cfg.compile:
+        fwd = torch.compile(fwd)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and d.device.type == "cuda")
+    stats_path = run_dir / "stats.jsonl"
+
+    def checkpoint() -> None:
+        states = [gen.get_state()]
+        if d.world > 1:
+            states = [None] * d.world
+            dist.all_gather_object(states, gen.get_state())
+        if d.main:
+            save_state(state_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                    "shown": shown, "step": step, "gen": states,
+                                    "extra": {k: m.state_dict() for k, m in extra_modules.items()}})
+            if on_checkpoint is not None:
+                on_checkpoint(ema, shown)
+        if d.world > 1:
+            dist.barrier()
+
+    t_start = time.time()
+    t_log, shown_log, loss_sum, loss_n = time.time(), shown, 0.0, 0
+    next_ckpt = (shown // cfg.checkpoint_showers + 1) * cfg.checkpoint_showers
+    next_log = (shown // cfg.log_showers + 1) * cfg.log_showers
+    bar = tqdm(total=cfg.showers, initial=shown, unit="shower", unit_scale=True, desc=desc, disable=not d.main,
+               smoothing=0.05)
+    finished = True
+    model.train()
+    while shown < cfg.showers:
+        lr = lr_at(cfg, shown)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, n_data, (local_batch,), generator=gen, device=data[0].device)
+        batch = [t[idx] for t in data]
+        with autocast:
+            loss = loss_fn(fwd, *batch, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if after_step is not None:
+            after_step(model)
+        shown += cfg.batch_size
+        step += 1
+        beta = ema_beta(cfg, shown)
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm.detach(), 1 - beta)
+            for be, bm in zip(ema.buffers(), model.buffers()):
+                be.copy_(bm)
+        loss_sum += float(loss.detach())
+        loss_n += 1
+        bar.update(cfg.batch_size)
+        if shown >= next_log or shown >= cfg.showers:
+            next_log += cfg.log_showers
+            mean_loss = _all_mean(loss_sum / max(loss_n, 1), d)
+            now = time.time()
+            if d.main:
+                rec = {"step": step, "showers": shown, "loss": mean_loss, "lr": lr,
+                       "showers_per_s": (shown - shown_log) / max(now - t_log, 1e-9), "time": now}
+                with open(stats_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            t_log, shown_log, loss_sum, loss_n = now, shown, 0.0, 0
+        stop = cfg.max_seconds > 0 and time.time() - t_start > cfg.max_seconds
+        if d.world > 1:
+            flag = torch.tensor([float(stop)], device=d.device)
+            dist.all_reduce(flag)
+            stop = bool(flag.item() > 0)
+        if shown >= next_ckpt or shown >= cfg.showers or stop:
+            next_ckpt += cfg.checkpoint_showers
+            checkpoint()
+        if stop and shown < cfg.showers:
+            finished = False
+            break
+    bar.close()
+    return ema, finished
+
+
+def load_training_data(path: "str | Path", transform: Transform, max_events: int = 0,
+                       device: "str | torch.device" = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Preprocess a whole training file into x0 [N, 1, L, A, R] and cond [N, 1] (float32, on device)."""
+    info = inspect_file(path, transform.geometry)
+    n = min(info.n_events, max_events) if max_events else info.n_events
+    x0 = torch.empty((n, *transform.event_shape), dtype=torch.float32, device=device)
+    cond = torch.empty((n, 1), dtype=torch.float32, device=device)
+    lo, where = 0, transform.scale.device
+    for e, s in iter_showers(path, 5000, geometry=transform.geometry, stop=n):
+        et = torch.as_tensor(e, device=where)
+        x0[lo:lo + len(e)] = transform(torch.as_tensor(s, device=where), et).to(device)
+        cond[lo:lo + len(e)] = transform.condition(et).to(device)
+        lo += len(e)
+    return x0, cond
+
+
+def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", *, preset: str = "") -> Path:
+    """`calofast train`: fit the transform, build the denoiser, train, write `model.safetensors`."""
+    d = setup_distributed()
+    run_dir = Path(run_dir)
+    geometry = get_geometry(config.geometry)
+    info = inspect_file(data_path, geometry)
+    cfg_text = dumps(config)
+    cfg_path = run_dir / "config.json"
+    if (run_dir / "state.pt").exists() and cfg_path.exists() and cfg_path.read_text() != cfg_text:
+        raise ValueError(f"{run_dir}: holds a run with a different config; resume with the same options "
+                         "or choose a new output folder")
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path.write_text(cfg_text)
+    n_fit = min(info.n_events, config.train.max_events or info.n_events, 20_000)
+    tc = config.transform
+    transform = fit_transform(geometry, iter_showers(data_path, 5000, geometry=geometry, stop=n_fit),
+                              tc.kind, tc.scale_mev or None, tc.alpha)
+    x0, cond = load_training_data(data_path, transform, config.train.max_events, d.device)
+    sigma_data = float(x0.std())
+    param = build_parameterisation(config.diffusion, sigma_data)
+    torch.manual_seed(config.train.seed)
+    denoiser = Preconditioned(build_network(config.network, geometry), param)
+    data_meta = [{"name": Path(data_path).name, "bytes": Path(data_path).stat().st_size,
+                  "events": int(x0.shape[0]), "sha256": file_sha256(data_path) if d.main else ""}]
+    bundle_path = run_dir / "model.safetensors"
+
+    def write_bundle(ema: nn.Module, shown: int) -> None:
+        save_bundle(bundle_path, ema, transform, config, train_seed=config.train.seed, events_seen=shown,
+                    data=data_meta, extra={"preset": preset, "sigma_data_measured": sigma_data})
+
+    loss = lambda model, x, c, g: denoising_loss(model, param, x, c, g)
+    _, finished = fit(loss, denoiser, (x0, cond), config.train, run_dir, on_checkpoint=write_bundle, dist_info=d)
+    if d.main:
+        log.info("%s: %s", "finished" if finished else "stopped early (re-run to resume)", bundle_path)
+    return bundle_path
+

@@ -1,0 +1,85 @@
+"""calofast generate: every sampler name, batch-size independence, NFE reported, energies from a file."""
+import numpy as np
+import pytest
+import torch
+
+from calofast.checkpoint import load_bundle
+from calofast.cli import main
+from calofast.data import read_showers
+from calofast.generate import make_sigmas, sample_batch
+from calofast.train import train_model
+
+from helpers import tiny_data, tiny_xml
+from test_train import _cfg
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    return train_model(_cfg(tmp, "train.showers=512"), tiny_data(tmp), tmp / "run")
+
+
+@pytest.mark.parametrize("sampler, steps, nfe", [("ddpm", 400, 400), ("ddpm", 50, 50), ("ddim", 10, 10),
+                                                  ("euler", 8, 8), ("heun", 5, 9), ("dpmpp-2m", 10, 10),
+                                                  ("dpmpp-2m-sde", 10, 10), ("consistency", 2, 2)])
+def test_generate_each_sampler(tmp_path, bundle_path, capsys, sampler, steps, nfe):
+    out = tmp_path / "g.h5"
+    assert main(["generate", "--model", str(bundle_path), "--sampler", sampler, "--steps", str(steps), "--n", "12",
+                 "--energies", "log-uniform:1GeV:100GeV", "--seed", "3", "--batch-size", "5", "-o", str(out)]) == 0
+    assert f"NFE {nfe}," in capsys.readouterr().out
+    e, s = read_showers(out)
+    assert s.shape == (12, 36) and np.all(np.isfinite(s)) and np.all(s >= 0)
+    assert e.min() >= 1e3 and e.max() <= 1e5
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m-sde"])
+def test_batch_size_independence_through_cli(tmp_path, bundle_path, sampler):
+    outs = []
+    for bs in (1, 4, 10):
+        out = tmp_path / f"b{bs}.h5"
+        eta = ["--eta", "1"] if sampler != "ddpm" else []
+        assert main(["generate", "--model", str(bundle_path), "--sampler", sampler, "--steps", "8", *eta,
+                     "--n", "10", "--seed", "11", "--batch-size", str(bs), "-o", str(out)]) == 0
+        outs.append(read_showers(out)[1])
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-5)
+    other = tmp_path / "seed.h5"
+    main(["generate", "--model", str(bundle_path), "--sampler", sampler, "--steps", "8", "--n", "10", "--seed", "12",
+          "-o", str(other)])
+    assert not np.allclose(read_showers(other)[1], outs[0])
+
+
+def test_energies_from_reference_match_event_by_event(tmp_path, bundle_path):
+    ref = tiny_data(tmp_path, n=30, seed=4)
+    out = tmp_path / "g.h5"
+    assert main(["generate", "--model", str(bundle_path), "--energies-from", str(ref), "-o", str(out)]) == 0
+    np.testing.assert_array_equal(read_showers(out)[0], read_showers(ref)[0])
+
+
+def test_bf16_runs_and_errors(tmp_path, bundle_path, capsys):
+    out = tmp_path / "g.h5"
+    assert main(["generate", "--model", str(bundle_path), "--n", "4", "--dtype", "bf16", "-o", str(out)]) == 0
+    assert main(["generate", "--model", str(bundle_path), "--n", "4", "--sampler", "nope", "-o", str(tmp_path / "x.h5")]) == 2
+    assert "unknown sampler" in capsys.readouterr().err
+    assert main(["generate", "--model", str(bundle_path), "-o", str(tmp_path / "y.h5")]) == 2
+    assert main(["generate", "--model", str(bundle_path), "--n", "2", "--sampler", "ddpm", "--eta", "0.5",
+                 "-o", str(tmp_path / "z.h5")]) == 2
+    assert "takes no option eta" in capsys.readouterr().err
+
+
+def test_grids(bundle_path):
+    b = load_bundle(bundle_path)
+    g = make_sigmas(b.denoiser, "ddim", 10)
+    assert len(g) == 11 and g[-1] == 0 and g[0] == pytest.approx(b.denoiser.sigma_max)
+    k = make_sigmas(b.denoiser, "heun", 10)
+    assert k[0] == pytest.approx(160.0) and k[-2] == pytest.approx(b.denoiser.sigma_min) and k[-1] == 0
+    with pytest.raises(ValueError, match="exceeds"):
+        make_sigmas(b.denoiser, "ddpm", 401)
+
+
+def test_event_k_identical_within_library(bundle_path):
+    b = load_bundle(bundle_path)
+    e = torch.tensor([1e3, 3e3, 1e4, 3e4, 9e4], dtype=torch.float64)
+    full, _ = sample_batch(b, e, 1, range(5), sampler="ddpm", steps=20)
+    part, _ = sample_batch(b, e[2:4], 1, range(2, 4), sampler="ddpm", steps=20)
+    torch.testing.assert_close(part, full[2:4], rtol=1e-5, atol=1e-5)
