@@ -9,7 +9,7 @@ from calofast.data import read_showers
 from calofast.generate import make_sigmas, sample_batch
 from calofast.train import train_model
 
-from helpers import tiny_data, tiny_xml
+from helpers import tiny_data
 from test_train import _cfg
 
 

@@ -1,7 +1,6 @@
 """Samplers against exact answers (Gaussian oracle), each other, and an independent implementation."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,7 +10,6 @@ from calofast.schedules import karras, table_grid, vp_sigmas
 
 from oracle import GaussianDenoiser
 
-torch.set_default_dtype(torch.float64)
 D = GaussianDenoiser()
 
 
@@ -23,7 +21,7 @@ def _run(name, n, x0_noise, **kw):
 @pytest.mark.parametrize("name, order", [("euler", 1), ("heun", 2), ("dpmpp-2m", 2)])
 def test_convergence_order_matches_theory(name, order):
     """Global error at sigma_min vs the exact ODE solution; observed order on the finest doublings."""
-    z = torch.linspace(-3, 3, 61)[:, None]
+    z = torch.linspace(-3, 3, 61, dtype=torch.float64)[:, None]
     exact = D.ode(z * D.sigma_max, D.sigma_max, D.sigma_min)
     errs = [float((_run(name, n, z) - exact).abs().max()) for n in (16, 32, 64, 128)]
     orders = [math.log2(a / b) for a, b in zip(errs, errs[1:])]
@@ -33,7 +31,7 @@ def test_convergence_order_matches_theory(name, order):
 
 
 def test_ddim_eta0_equals_euler():
-    z = torch.randn(8, 1, 3, 4, 3, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(8, 1, 3, 4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sig = torch.as_tensor(table_grid(vp_sigmas("cosine", 400), 25))
     torch.testing.assert_close(S.ddim(D, z, sig, None, eta=0.0), S.euler(D, z, sig, None), rtol=0, atol=1e-6)
 
@@ -78,7 +76,7 @@ def test_stochastic_samplers_recover_data_distribution(name, kw, grid):
 
 def test_stochastic_samplers_need_rng():
     sig = karras(5, 0.01, 10.0)
-    z = torch.zeros(2, 3)
+    z = torch.zeros(2, 3, dtype=torch.float64)
     for name, kw in (("ddpm", {}), ("ddim", {"eta": 1.0}), ("dpmpp-2m-sde", {}), ("heun", {"s_churn": 1.0})):
         with pytest.raises(ValueError, match="stochastic|rng"):
             S.SAMPLERS[name].fn(D, z, sig, None, **kw)
@@ -93,7 +91,7 @@ def test_consistency_sampler_with_exact_consistency_function():
 
     b, d = 200, 500
     for points in ([80.0], [80.0, 0.8], [80.0, 2.0, 0.3]):
-        sig = torch.tensor(points + [D.sigma_min])
+        sig = torch.tensor(points + [D.sigma_min], dtype=torch.float64)
         rng = EventRNG(9, range(b))
         z = rng.randn((d,)).double()
         x = S.consistency(CM(), z, sig, None, rng=rng)
@@ -106,22 +104,22 @@ def test_consistency_sampler_with_exact_consistency_function():
                                                    ("ddim", 7, 7), ("consistency", 2, 2)])
 def test_nfe_is_counted(name, steps, expected):
     counted = S.CountingDenoiser(D)
-    sig = karras(steps, 0.01, 80.0) if name != "consistency" else torch.tensor([80.0, 1.0, 0.002])
-    S.SAMPLERS[name].fn(counted, torch.zeros(2, 3), sig, None, rng=EventRNG(0, range(2)))
+    sig = karras(steps, 0.01, 80.0) if name != "consistency" else torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)
+    S.SAMPLERS[name].fn(counted, torch.zeros(2, 3, dtype=torch.float64), sig, None, rng=EventRNG(0, range(2)))
     assert counted.nfe == expected == S.SAMPLERS[name].nfe(steps)
 
 
 def test_dpmpp_2m_matches_fine_euler_reference():
-    z = torch.linspace(-2, 2, 9)[:, None]
+    z = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
     ref = S.euler(D, z, karras(1000, D.sigma_min, D.sigma_max), None)
     out = S.dpmpp_2m(D, z, karras(40, D.sigma_min, D.sigma_max), None)
     exact = D.ode(z * D.sigma_max, D.sigma_max, D.sigma_min)
-    exact = D(exact, torch.full((9,), D.sigma_min), None)    # the final first-order denoise step
+    exact = D(exact, torch.full((9,), D.sigma_min, dtype=torch.float64), None)    # the final first-order denoise step
     assert float((out - exact).abs().max()) < float((ref - exact).abs().max()) * 5 + 1e-4
 
 
 def test_grid_validation():
     with pytest.raises(ValueError, match="decreasing"):
-        S.euler(D, torch.zeros(1, 2), torch.tensor([1.0, 2.0, 0.0]), None)
+        S.euler(D, torch.zeros(1, 2, dtype=torch.float64), torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64), None)
     with pytest.raises(ValueError, match="eta"):
-        S.ddim(D, torch.zeros(1, 2), torch.tensor([1.0, 0.0]), None, eta=2.0)
+        S.ddim(D, torch.zeros(1, 2, dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64), None, eta=2.0)

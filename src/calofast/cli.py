@@ -83,7 +83,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
     return 0
 
 
-def _energies(a: argparse.Namespace, bundle) -> "np.ndarray":
+def _energies(a: argparse.Namespace, bundle):
     import numpy as np
     from .data import read_showers
     from .energies import parse_spectrum
