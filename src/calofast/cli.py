@@ -26,7 +26,8 @@ def cmd_gflash(a: argparse.Namespace) -> int:
     from .gflash import GFlashConfig, write_gflash
     geo = _geometry(a.geometry)
     path = write_gflash(a.output, geo, a.n, a.energies, a.seed, chunk=a.chunk, force=a.force,
-                        config=GFlashConfig(c_s=a.c_s, substeps=a.substeps))
+                        config=GFlashConfig(c_s=a.c_s, substeps=a.substeps), workers=a.workers,
+                        compression_level=0 if a.no_compress else 4)
     print(f"wrote {a.n} {geo.name} showers to {path}")
     if a.summary:
         return cmd_info(argparse.Namespace(file=path, geometry=None, plot=Path(path).with_suffix(".png"),
@@ -116,7 +117,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     data = out / "ds2_gflash.h5"
     if not data.exists():
         cmd_gflash(argparse.Namespace(geometry="ds2", n=a.n, energies="log-uniform:1GeV:1TeV", seed=a.seed,
-                                      chunk=5000, force=False, c_s=0.12, substeps=8, output=data, summary=False))
+                                      chunk=2000, force=False, c_s=0.12, substeps=8, output=data, summary=False,
+                                      workers=min(4, os.cpu_count() or 1), no_compress=False))
     return cmd_info(argparse.Namespace(file=data, geometry="ds2", max_events=None, plot=out / "ds2_gflash.png"))
 
 
@@ -136,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spectrum: log-uniform:1GeV:1TeV (default), uniform:A:B, fixed:E, ds1-photons")
     g.add_argument("--seed", type=int, default=0, help="random seed (event k depends only on seed, k)")
     g.add_argument("--chunk", type=int, default=5000, help="showers per written chunk")
+    g.add_argument("--workers", type=int, default=1, help="parallel simulation processes (default 1)")
+    g.add_argument("--no-compress", action="store_true", help="write without gzip (fast scratch files)")
     g.add_argument("--c-s", type=float, default=0.12, help="sampling term c_s (default 0.12)")
     g.add_argument("--substeps", type=int, default=8, help="longitudinal sub-steps per layer")
     g.add_argument("--summary", action="store_true", help="print a summary and plot it beside the file")

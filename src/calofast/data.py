@@ -153,7 +153,8 @@ class ShowerWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self.n_voxels, self.n = n_voxels, 0
         self._f = h5py.File(self.tmp, "w")
-        gz = dict(compression="gzip", compression_opts=compression_level)
+        # Level 0: no compression (scratch files; official files are gzip-compressed).
+        gz = dict(compression="gzip", compression_opts=compression_level) if compression_level else {}
         self._e = self._f.create_dataset(ENERGIES, (0, 1), maxshape=(None, 1), dtype="f4", chunks=(4096, 1), **gz)
         self._s = self._f.create_dataset(SHOWERS, (0, n_voxels), maxshape=(None, n_voxels), dtype="f4",
                                          chunks=(max(1, min(chunk_rows, 2**20 // n_voxels)), n_voxels), **gz)

@@ -27,7 +27,7 @@ from scipy.special import gammainc, gammaln
 from .geometry import Geometry
 from .rng import SHOWER, numpy_streams
 
-__all__ = ["Material", "MATERIALS", "EffectiveMedium", "GFlashConfig", "GFlash"]
+__all__ = ["Material", "MATERIALS", "EffectiveMedium", "GFlashConfig", "GFlash", "write_gflash"]
 
 E_S_MEV = 21.2  # scale energy for the Moliere radius
 
@@ -269,14 +269,23 @@ class GFlash:
         return out.astype(np.float32)
 
 
+def _simulate_chunk(args) -> tuple[int, np.ndarray, np.ndarray]:
+    geometry, config, seed, lo, energies = args
+    return lo, energies, GFlash(geometry, config).simulate(energies, seed, range(lo, lo + len(energies)))
+
+
 def write_gflash(path, geometry: Geometry, n: int, energies: "str | np.ndarray", seed: int, *,
                  chunk: int = 5000, force: bool = False, config: GFlashConfig = GFlashConfig(),
-                 progress: bool = True) -> Path:
+                 progress: bool = True, workers: int = 1, compression_level: int = 4) -> Path:
     """Simulate `n` showers into a CaloChallenge file, chunk by chunk, with a progress bar.
 
     `energies` is a spectrum spec (`log-uniform:1GeV:1TeV`, see energies.py) or an array of n
-    incident energies in MeV. Event k depends only on (seed, k), whatever `chunk` is.
+    incident energies in MeV. Event k depends only on (seed, k), whatever `chunk` and `workers` are;
+    `workers` > 1 simulates chunks in parallel processes (the file is written in order);
+    `compression_level` 0 writes an uncompressed scratch file (faster, larger).
     """
+    from multiprocessing import get_context
+
     from tqdm import tqdm
 
     from .data import ShowerWriter
@@ -285,23 +294,27 @@ def write_gflash(path, geometry: Geometry, n: int, energies: "str | np.ndarray",
     gen = GFlash(geometry, config)
     if isinstance(energies, str):
         spectrum = parse_spectrum(energies)
-        draw = lambda idx: spectrum.sample(seed, idx)
+        all_e = spectrum.sample(seed, range(n))
         label = spectrum.text
-        gen.profile_parameters(np.array([spectrum.low * 1e-3]))      # fail before writing anything
     else:
-        energies = np.asarray(energies, float).reshape(-1)
-        if len(energies) != n:
-            raise ValueError(f"{len(energies)} incident energies given for {n} showers")
-        draw = lambda idx: energies[idx.start:idx.stop]
+        all_e = np.asarray(energies, float).reshape(-1)
+        if len(all_e) != n:
+            raise ValueError(f"{len(all_e)} incident energies given for {n} showers")
         label = "from array"
-        gen.profile_parameters(energies * 1e-3)
+    gen.profile_parameters(np.array([all_e.min() * 1e-3]))      # fail before writing anything
     attrs = {"generator": "calofast.gflash", "geometry": geometry.name, "seed": seed,
              "energies": label, "c_s": config.c_s}
-    with ShowerWriter(path, geometry.n_voxels, force=force, attrs=attrs) as writer, \
+    jobs = [(geometry, config, seed, lo, all_e[lo:lo + chunk]) for lo in range(0, n, chunk)]
+    with ShowerWriter(path, geometry.n_voxels, force=force, attrs=attrs, compression_level=compression_level) as writer, \
             tqdm(total=n, unit="shower", desc=f"gflash {geometry.name}", disable=not progress) as bar:
-        for lo in range(0, n, chunk):
-            idx = range(lo, min(lo + chunk, n))
-            e = draw(idx)
-            writer.write(e, gen.simulate(e, seed, idx))
-            bar.update(len(idx))
+        if workers > 1:
+            with get_context("spawn").Pool(workers) as pool:
+                for _, e, showers in pool.imap(_simulate_chunk, jobs):
+                    writer.write(e, showers)
+                    bar.update(len(e))
+        else:
+            for job in jobs:
+                _, e, showers = _simulate_chunk(job)
+                writer.write(e, showers)
+                bar.update(len(e))
     return writer.path

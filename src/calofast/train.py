@@ -177,16 +177,20 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
         step += 1
         beta = ema_beta(cfg, shown)
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm.detach(), 1 - beta)
+            torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - beta)
             for be, bm in zip(ema.buffers(), model.buffers()):
                 be.copy_(bm)
-        loss_sum += float(loss.detach())
+        loss_sum = loss_sum + loss.detach().float()      # stays on the device: no sync per step
         loss_n += 1
         bar.update(cfg.batch_size)
-        if shown >= next_log or shown >= cfg.showers:
+        stop = cfg.max_seconds > 0 and step % 16 == 0 and time.time() - t_start > cfg.max_seconds
+        if d.world > 1 and step % 16 == 0:
+            flag = torch.tensor([float(stop)], device=d.device)
+            dist.all_reduce(flag)
+            stop = bool(flag.item() > 0)
+        if shown >= next_log or shown >= cfg.showers or stop:
             next_log += cfg.log_showers
-            mean_loss = _all_mean(loss_sum / max(loss_n, 1), d)
+            mean_loss = _all_mean(float(loss_sum) / max(loss_n, 1), d)
             now = time.time()
             if d.main:
                 rec = {"step": step, "showers": shown, "loss": mean_loss, "lr": lr,
@@ -195,11 +199,6 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
                     f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
             t_log, shown_log, loss_sum, loss_n = now, shown, 0.0, 0
-        stop = cfg.max_seconds > 0 and time.time() - t_start > cfg.max_seconds
-        if d.world > 1:
-            flag = torch.tensor([float(stop)], device=d.device)
-            dist.all_reduce(flag)
-            stop = bool(flag.item() > 0)
         if shown >= next_ckpt or shown >= cfg.showers or stop:
             next_ckpt += cfg.checkpoint_showers
             checkpoint()
@@ -217,7 +216,8 @@ def load_training_data(path: "str | Path", transform: Transform, max_events: int
     n = min(info.n_events, max_events) if max_events else info.n_events
     x0 = torch.empty((n, *transform.event_shape), dtype=torch.float32, device=device)
     cond = torch.empty((n, 1), dtype=torch.float32, device=device)
-    lo, where = 0, transform.scale.device
+    lo, where = 0, torch.device(device)
+    transform = copy.deepcopy(transform).to(where)       # preprocess where the data will live
     for e, s in iter_showers(path, 5000, geometry=transform.geometry, stop=n):
         et = torch.as_tensor(e, device=where)
         x0[lo:lo + len(e)] = transform(torch.as_tensor(s, device=where), et).to(device)
