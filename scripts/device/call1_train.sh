@@ -22,6 +22,7 @@ stamp "data: $N_TRAIN GFlash DS2 showers (seed 7)"
 python -m calofast gflash --geometry ds2 --n "$N_TRAIN" --seed 7 --workers "$(( $(nproc) - 4 ))" --chunk 1000 \
   --no-compress -o "$W/train.h5" 2>/dev/null || exit 1
 
+python benchmarks/bench_gflash.py --n 3000 --repeats 3 > "$W/bench_gflash.txt" 2>&1 &
 stamp "probe: single-GPU throughput"
 python -m calofast train --data "$W/train.h5" --preset ds2-unet --set train.max_events=20000 \
   --set train.batch_size=$((BATCH / NG)) --set train.showers=100000000 --set train.max_seconds=12 \
@@ -65,4 +66,5 @@ models="--model $T:ddim:50 --model $T:dpmpp-2m:20"
 for f in "$OUT"/ds2-student-*.safetensors; do models="$models --model $f"; done
 DEV=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 python scripts/device/quickcheck.py --reference "$W/ref.h5" --n "$N_CHECK" --device "$DEV" $models 2>&1 | tail -12
+cat "$W/bench_gflash.txt"
 stamp "done"; ls -la "$OUT"
