@@ -111,6 +111,42 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_files
+    geo = _geometry(a.geometry)
+    classifiers = tuple(c for c in a.classifiers.split(",") if c) if a.classifiers else ()
+    m = evaluate_files(a.generated, a.reference, geo, a.output, fast=a.fast, min_events=a.min_events,
+                       classifiers=classifiers, device=a.device, label=a.label or Path(a.generated).stem)
+    for key in ("classifier_low", "classifier_high"):
+        if key in m:
+            print(f"{key}: AUC {m[key]['auc']:.4f}  JSD {m[key]['jsd']:.4f}")
+    for key in ("fpd", "kpd"):
+        if key in m:
+            print(f"{key.upper()} x 1e3: {m[key]['x1e3']:.3f} +- {m[key]['error'] * 1e3:.3f}")
+    print(f"separation power E_tot/E_inc: {m['separation_power']['response']:.5f}")
+    print(f"report: {m.get('report', Path(a.output) / 'metrics.json')}")
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import bench, write_table
+    from .checkpoint import load_bundle
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    bundle = load_bundle(a.model, device=a.device)
+    rows = bench(bundle, a.sampler, a.steps, [int(b) for b in a.batch_sizes.split(",")], a.repeats,
+                 bf16=a.dtype == "bf16")
+    print(f"{'sampler':>14} {'NFE':>5} {'batch':>6} {'ms/shower':>12} {'std':>9} {'showers/s':>11}  device")
+    for r in rows:
+        print(f"{r['label']:>14} {r['nfe']:5d} {r['batch']:6d} {r['ms_per_shower']:12.5f} {r['std']:9.5f} "
+              f"{r['showers_per_s']:11.1f}  {r['device']} {r['dtype']}")
+    if a.output:
+        print(f"table: {write_table(rows, a.output)}")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -195,6 +231,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override, e.g. distill.showers_per_stage=200000, distill.cm_steps=40")
     ds.add_argument("-o", "--output", required=True, help="run folder")
     ds.set_defaults(func=cmd_distill)
+
+    ev = sub.add_parser("evaluate", help="CaloChallenge evaluation of generated vs reference showers",
+                        description="Features, separation powers, classifier AUCs, FPD/KPD, plots and report.html.")
+    ev.add_argument("--generated", required=True)
+    ev.add_argument("--reference", required=True)
+    ev.add_argument("--geometry", default="ds2")
+    ev.add_argument("--fast", action="store_true", help="shortened classifier (smoke runs; not comparable)")
+    ev.add_argument("--min-events", type=int, help="accept files smaller than the official protocol's size")
+    ev.add_argument("--classifiers", default="low,high", help="which classifier tests (low,high; empty: none)")
+    ev.add_argument("--device", help="classifier device (default: cuda if available)")
+    ev.add_argument("--label", help="name in the report")
+    ev.add_argument("-o", "--output", required=True, help="report folder")
+    ev.set_defaults(func=cmd_evaluate)
+
+    be = sub.add_parser("bench", help="time per shower (CaloChallenge timing protocol)",
+                        description="Warm-up, then repeated timed batches; CUDA synchronised; mean, std, median.")
+    be.add_argument("--model", required=True)
+    be.add_argument("--sampler")
+    be.add_argument("--steps", type=int)
+    be.add_argument("--batch-sizes", default="1,100,10000")
+    be.add_argument("--repeats", type=int, default=10)
+    be.add_argument("--device", default="cpu")
+    be.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    be.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    be.add_argument("-o", "--output", help="write the table (.csv or .json)")
+    be.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the main job on the built-in default (GFlash DS2)",
                        description="Simulate a GFlash DS2 data set and summarise it.")

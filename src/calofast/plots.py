@@ -60,3 +60,156 @@ def plot_summary(ff: FileFeatures, geometry: Geometry, out: "str | Path") -> Pat
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _hist_panel(ax_main, ax_ratio, ref, gen, edges, label, logx=False):
+    h_r = np.histogram(ref, bins=edges)[0].astype(float)
+    h_g = np.histogram(gen, bins=edges)[0].astype(float)
+    _step_pair(ax_main, ax_ratio, h_r, h_g, edges, label, logx)
+
+
+def _step_pair(ax_main, ax_ratio, h_r, h_g, edges, label, logx=False):
+    w = np.diff(edges)
+    n_r, n_g = max(h_r.sum(), 1e-300), max(h_g.sum(), 1e-300)
+    d_r, d_g = h_r / n_r / w, h_g / n_g / w
+    ax_main.stairs(d_r, edges, color="k", label="reference")
+    ax_main.stairs(d_g, edges, color="tab:red", label="generated")
+    ax_main.set_yscale("log")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(d_r > 0, d_g / d_r, np.nan)
+    ax_ratio.stairs(ratio, edges, color="tab:red")
+    ax_ratio.axhline(1, color="k", lw=0.8)
+    ax_ratio.set_ylim(0.5, 1.5)
+    ax_ratio.set_xlabel(label, fontsize=8)
+    ax_main.tick_params(labelbottom=False, labelsize=7)
+    ax_ratio.tick_params(labelsize=7)
+    if logx:
+        ax_main.set_xscale("log")
+        ax_ratio.set_xscale("log")
+
+
+def plot_histograms(ref: FileFeatures, gen: FileFeatures, geometry: Geometry, voxel_hists, voxel_edges,
+                    out: "str | Path") -> Path:
+    """Feature histograms, reference vs generated, each with a generated/reference ratio panel."""
+    from .metrics.compare import feature_bins
+    plt = _plt()
+    fr, fg = ref.features, gen.features
+    rel = geometry.relevant_layers
+    mid = rel[len(rel) // 4]                     # a layer near the shower maximum
+    pick_a = geometry.alpha_layers.index(mid) if mid in geometry.alpha_layers else None
+    j = rel.index(mid)
+    lid = geometry.layers[mid].id
+    panels = [("E_tot / E_inc", fr["E_tot"] / fr["E_inc"], fg["E_tot"] / fg["E_inc"], feature_bins("response", geometry, 0), False)]
+    for layer in (rel[1], mid, rel[min(len(rel) - 1, 2 * len(rel) // 3)]):
+        jj = rel.index(layer)
+        panels.append((f"E layer {geometry.layers[layer].id} [MeV]", fr["E_layer"][:, jj], fg["E_layer"][:, jj],
+                       feature_bins("E_layer", geometry, 0, fr["E_layer"][:, jj]), True))
+    if pick_a is not None:
+        for name in ("EC_eta", "EC_phi", "width_eta", "width_phi"):
+            panels.append((f"{name} layer {lid} [mm]", fr[name][:, pick_a], fg[name][:, pick_a],
+                           feature_bins(name, geometry, lid), False))
+    for name in ("EC_r", "width_r", "sparsity"):
+        panels.append((f"{name} layer {lid}", fr[name][:, j], fg[name][:, j], feature_bins(name, geometry, lid), False))
+    cols = 4
+    rows = -(-(len(panels) + 1) // cols)
+    fig = plt.figure(figsize=(4 * cols, 3.4 * rows))
+    outer = fig.add_gridspec(rows, cols, hspace=0.35, wspace=0.3)
+    for k, (label, a, b, edges, logx) in enumerate(panels + [("voxel energy [MeV]", None, None, voxel_edges, True)]):
+        inner = outer[divmod(k, cols)].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
+        ax, axr = fig.add_subplot(inner[0]), fig.add_subplot(inner[1])
+        if a is None:
+            _step_pair(ax, axr, voxel_hists[0], voxel_hists[1], edges, label, True)
+        else:
+            _hist_panel(ax, axr, a, b, edges, label, logx)
+        if k == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{gen.path.name} vs {ref.path.name}", y=0.995)
+    out = Path(out)
+    fig.savefig(out, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def plot_mean_showers(ref: FileFeatures, gen: FileFeatures, geometry: Geometry, out: "str | Path") -> Path:
+    """Average shower per incident-energy range: energy per (layer, radius), reference | generated | ratio."""
+    plt = _plt()
+    L, A, R = geometry.grid_shape
+    labels = [k for k in ref.mean_shower if k in gen.mean_shower]
+    fig, axes = plt.subplots(len(labels), 3, figsize=(12, 3.2 * len(labels)), squeeze=False)
+    for row, label in enumerate(labels):
+        a = ref.mean_shower[label].reshape(L, A, R).sum(axis=1)
+        b = gen.mean_shower[label].reshape(L, A, R).sum(axis=1)
+        vmax = max(a.max(), b.max())
+        vmin = vmax * 1e-5
+        for col, (img, title) in enumerate(((a, "reference"), (b, "generated"))):
+            im = axes[row, col].imshow(np.clip(img.T, vmin, None), aspect="auto", origin="lower", cmap="viridis",
+                                       norm=_lognorm(vmin, vmax))
+            axes[row, col].set(title=f"{title}, {label}", xlabel="layer", ylabel="radial bin")
+        fig.colorbar(im, ax=axes[row, 1], label="mean energy [MeV]")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(a > vmin, b / a, np.nan)
+        im = axes[row, 2].imshow(ratio.T, aspect="auto", origin="lower", cmap="RdBu_r", vmin=0.5, vmax=1.5)
+        axes[row, 2].set(title="generated / reference", xlabel="layer", ylabel="radial bin")
+        fig.colorbar(im, ax=axes[row, 2])
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def _lognorm(vmin, vmax):
+    import matplotlib.colors
+    return matplotlib.colors.LogNorm(vmin=vmin, vmax=vmax)
+
+
+def plot_response(ref: FileFeatures, gen: FileFeatures, out: "str | Path", bins: int = 12) -> Path:
+    """Mean and spread of E_tot/E_inc in incident-energy bins, reference vs generated."""
+    plt = _plt()
+    e_all = np.concatenate([ref.features["E_inc"], gen.features["E_inc"]])
+    edges = np.geomspace(e_all.min(), e_all.max() * 1.0001, bins + 1)
+    centres = np.sqrt(edges[1:] * edges[:-1]) / 1e3
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for ff, color, name in ((ref, "k", "reference"), (gen, "tab:red", "generated")):
+        f = ff.features
+        resp = f["E_tot"] / f["E_inc"]
+        idx = np.digitize(f["E_inc"], edges) - 1
+        mean = np.array([resp[idx == i].mean() if np.any(idx == i) else np.nan for i in range(bins)])
+        rms = np.array([resp[idx == i].std() if np.any(idx == i) else np.nan for i in range(bins)])
+        ax[0].plot(centres, mean, "o-", color=color, label=name)
+        ax[1].plot(centres, rms, "o-", color=color, label=name)
+    ax[0].set(xscale="log", xlabel="incident energy [GeV]", ylabel="mean E_tot / E_inc", title="response")
+    ax[1].set(xscale="log", yscale="log", xlabel="incident energy [GeV]", ylabel="rms E_tot / E_inc", title="resolution")
+    ax[0].legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_quality_vs_nfe(rows: list[dict], out: "str | Path", metric: str = "auc_low") -> Path:
+    """Quality versus NFE (and time per shower if given) for several samplers / students.
+
+    rows: dicts with 'label', 'family', 'nfe', the metric and optionally 'ms_per_shower'.
+    """
+    plt = _plt()
+    has_time = any(r.get("ms_per_shower") for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_time else 1, figsize=(12 if has_time else 7, 5), squeeze=False)
+    families = sorted({r["family"] for r in rows})
+    colors = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    for k, xkey in enumerate(["nfe", "ms_per_shower"][: 2 if has_time else 1]):
+        ax = axes[0, k]
+        for fam in families:
+            pts = sorted((r[xkey], r[metric]) for r in rows if r["family"] == fam and r.get(xkey) and r.get(metric) is not None)
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=colors[fam], label=fam)
+        ax.set(xscale="log", xlabel="NFE" if xkey == "nfe" else "ms per shower (GPU)", ylabel=metric)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

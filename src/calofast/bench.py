@@ -1,0 +1,77 @@
+"""Time per shower with the CaloChallenge protocol (spec `calochallenge.md` section 8).
+
+For each batch size: one warm-up call, then `repeats` timed calls; ms per shower = wall time of a
+batch / batch size, including the condition preprocessing, every sampler step and the inverse
+transform to MeV voxels, excluding file I/O; CUDA is synchronised before each clock read. Reports
+mean, std and median, with the hardware, threads, dtype and the counted NFE.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import Bundle
+from .generate import make_sigmas, resolve_sampler, sample_batch
+
+__all__ = ["bench", "hardware", "write_table"]
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def bench(bundle: Bundle, sampler: str | None, steps: int | None, batch_sizes=(1, 100, 10_000), repeats: int = 10,
+          bf16: bool = False, label: str = "", seed: int = 0) -> list[dict]:
+    """One row per batch size."""
+    device = next(bundle.denoiser.parameters()).device
+    name, n_steps, sigmas = resolve_sampler(bundle, sampler, steps)
+    sigmas = make_sigmas(bundle.denoiser, name, n_steps) if sigmas is None else sigmas
+    lo, hi = bundle.transform.energy_range
+    rows = []
+    for b in batch_sizes:
+        energies = torch.from_numpy(np.exp(np.random.default_rng(seed).uniform(np.log(lo), np.log(hi), b)))
+
+        def once() -> tuple[float, int]:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            _, nfe = sample_batch(bundle, energies, seed, range(b), sampler=name, steps=n_steps, sigmas=sigmas, bf16=bf16)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - t0, nfe
+
+        once()                                              # warm-up (allocations, cuDNN autotuning)
+        times, nfe = [], 0
+        for _ in range(repeats):
+            dt, nfe = once()
+            times.append(dt / b * 1e3)
+        rows.append({"label": label or f"{name} x{n_steps}", "sampler": name, "steps": n_steps, "nfe": nfe,
+                     "batch": b, "ms_per_shower": statistics.mean(times),
+                     "std": statistics.stdev(times) if len(times) > 1 else 0.0,
+                     "median": statistics.median(times), "showers_per_s": 1e3 / statistics.median(times),
+                     "repeats": repeats, "device": hardware(device), "dtype": "bf16" if bf16 else "fp32",
+                     "threads": torch.get_num_threads()})
+    return rows
+
+
+def write_table(rows: list[dict], out: "str | Path") -> Path:
+    """CSV or JSON by suffix."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".json":
+        out.write_text(json.dumps(rows, indent=1))
+    else:
+        with open(out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return out

@@ -1,0 +1,176 @@
+"""The CaloChallenge evaluation of a generated file against a reference: metrics.json, plots, report.html.
+
+Steps (definitions pinned to CaloChallenge/homepage commit 9b41df7, spec `calochallenge.md`):
+features of both files in one streaming pass each (threshold applied first), the voxel-energy
+spectra in a second pass, separation powers per feature and layer, the low- and high-level classifier
+tests, FPD/KPD on the high-level features, plots and a self-contained HTML report.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .data import ShowerFileError, inspect_file, iter_showers
+from .geometry import Geometry
+from .metrics.classifier import FAST, FULL, classifier_test, low_level_inputs
+from .metrics.compare import separation_powers, voxel_bins
+from .metrics.features import FileFeatures, apply_threshold, file_features, high_level_vector
+from .metrics.fpd import fpd, kpd
+
+__all__ = ["evaluate_files", "prepare_reference", "Reference", "PROTOCOL_EVENTS", "write_report"]
+
+log = logging.getLogger("calofast.evaluate")
+REFERENCE_COMMIT = "CaloChallenge/homepage@9b41df7"
+# Events per class the official classifier splits need (train + test + val, spec 6.4).
+PROTOCOL_EVENTS = {"ds1-photons": 121_000, "ds1-pions": 120_800, "ds2": 100_000, "ds3": 100_000}
+
+
+def _voxel_hist(path: Path, geometry: Geometry, edges: np.ndarray, n: int) -> np.ndarray:
+    counts = np.zeros(len(edges) - 1)
+    batch = max(100, 2**24 // geometry.n_voxels)
+    for _, s in iter_showers(path, batch, geometry=geometry, stop=n):
+        s = apply_threshold(s, geometry.threshold_mev)
+        counts += np.histogram(s[s > 0], bins=edges)[0]
+    return counts / counts.sum() if counts.sum() else counts
+
+
+def _low_level(path: Path, geometry: Geometry, n: int) -> np.ndarray:
+    parts = [low_level_inputs(s, e, geometry.threshold_mev)
+             for e, s in iter_showers(path, 5000, geometry=geometry, stop=n)]
+    return np.concatenate(parts)
+
+
+@dataclass
+class Reference:
+    """Everything the evaluation needs from the reference file, computed once and reusable."""
+
+    path: Path
+    n: int
+    features: FileFeatures
+    voxel_edges: np.ndarray
+    voxel_hist: np.ndarray
+    high_level: np.ndarray
+    low_level: np.ndarray | None = None
+
+
+def prepare_reference(path: "str | Path", geometry: Geometry, n: int | None = None, *, low_level: bool = True,
+                      progress: bool = False) -> Reference:
+    path = Path(path)
+    info = inspect_file(path, geometry)
+    n = info.n_events if n is None else min(n, info.n_events)
+    ff = file_features(path, geometry, max_events=n, progress=progress)
+    edges = voxel_bins(geometry, ff.voxel_max)
+    return Reference(path, n, ff, edges, _voxel_hist(path, geometry, edges, n), high_level_vector(ff.features),
+                     _low_level(path, geometry, n) if low_level else None)
+
+
+def evaluate_files(generated: "str | Path", reference: "str | Path | Reference", geometry: Geometry,
+                   out_dir: "str | Path", *, fast: bool = False, min_events: int | None = None,
+                   classifiers: tuple[str, ...] = ("low", "high"), distances: bool = True, device: str | None = None,
+                   label: str = "", plots: bool = True, progress: bool = True) -> dict:
+    """Run the evaluation; write metrics.json (and plots, report.html) into out_dir; return the metrics."""
+    generated, out_dir = Path(generated), Path(out_dir)
+    ref_path = reference.path if isinstance(reference, Reference) else Path(reference)
+    info_g, info_r = inspect_file(generated), inspect_file(ref_path)
+    for info in (info_g, info_r):
+        if info.n_voxels != geometry.n_voxels:
+            raise ShowerFileError(f"{info.path}: {info.n_voxels} voxels per shower, but geometry {geometry.name} "
+                                  f"has {geometry.n_voxels}")
+    need = min_events if min_events is not None else (1000 if fast else PROTOCOL_EVENTS.get(geometry.name, 1000))
+    n = min(info_g.n_events, info_r.n_events)
+    if n < need:
+        raise ShowerFileError(f"{generated if info_g.n_events < need else ref_path}: {n} events, the protocol needs "
+                              f"{need} (set --min-events to evaluate smaller sets; numbers then are not comparable "
+                              "to published ones)")
+    if classifiers and info_g.n_events != info_r.n_events and not (isinstance(reference, Reference) and reference.n == info_g.n_events):
+        raise ShowerFileError(f"{generated}: {info_g.n_events} events but the reference has {info_r.n_events}; "
+                              "the classifier test needs equal counts (generate with --energies-from the reference)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not isinstance(reference, Reference) or reference.n != n:
+        reference = prepare_reference(ref_path, geometry, n, low_level="low" in classifiers, progress=progress)
+    ff_r = reference.features
+    ff_g = file_features(generated, geometry, max_events=n, progress=progress)
+    edges = reference.voxel_edges
+    vh = (reference.voxel_hist, _voxel_hist(generated, geometry, edges, n))
+    metrics: dict = {
+        "label": label, "generated": str(generated), "reference": str(ref_path), "geometry": geometry.name,
+        "events": n, "protocol": REFERENCE_COMMIT, "calofast_version": __version__, "fast": fast,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "separation_power": separation_powers(ff_r.features, ff_g.features, geometry, vh),
+        "response": {k: {"mean": float(np.mean(f["E_tot"] / f["E_inc"])), "std": float(np.std(f["E_tot"] / f["E_inc"]))}
+                     for k, f in (("reference", ff_r.features), ("generated", ff_g.features))},
+    }
+    hl_r, hl_g = reference.high_level, high_level_vector(ff_g.features)
+    cfg = FAST if fast else FULL
+    if "high" in classifiers:
+        metrics["classifier_high"] = classifier_test(hl_g, hl_r, cfg, device, progress)
+    if "low" in classifiers:
+        low_r = reference.low_level if reference.low_level is not None else _low_level(ref_path, geometry, n)
+        metrics["classifier_low"] = classifier_test(_low_level(generated, geometry, n), low_r, cfg, device, progress)
+    if distances:
+        small = fast or n < 10_000
+        on = device if device and str(device).startswith("cuda") else None
+        f_val, f_err = fpd(hl_r, hl_g, min_samples=min(10_000, n) if small else 10_000,
+                           max_samples=min(50_000, 5 * n) if small else 50_000, device=on)
+        k_val, k_err = kpd(hl_r, hl_g, batch_size=min(10_000, n), device=on)
+        metrics["fpd"] = {"value": f_val, "error": f_err, "x1e3": f_val * 1e3}
+        metrics["kpd"] = {"value": k_val, "error": k_err, "x1e3": k_val * 1e3}
+    if plots:
+        from .plots import plot_histograms, plot_mean_showers, plot_response
+        figs = {"histograms": plot_histograms(ff_r, ff_g, geometry, vh, edges, out_dir / "histograms.png"),
+                "response": plot_response(ff_r, ff_g, out_dir / "response.png")}
+        if geometry.is_regular:
+            figs["mean_showers"] = plot_mean_showers(ff_r, ff_g, geometry, out_dir / "mean_showers.png")
+        metrics["plots"] = {k: v.name for k, v in figs.items()}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if plots:
+        metrics["report"] = str(write_report(metrics, out_dir))
+    return metrics
+
+
+def _img(path: Path) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" style="max-width:100%">'
+
+
+def write_report(metrics: dict, out_dir: Path) -> Path:
+    """One self-contained HTML page (images embedded as base64)."""
+    m = metrics
+    rows = []
+    for key, name in (("classifier_low", "classifier AUC, low-level (voxels)"), ("classifier_high", "classifier AUC, high-level")):
+        if key in m:
+            rows.append((name, f"{m[key]['auc']:.4f}  (JSD {m[key]['jsd']:.4f}; uncalibrated AUC {m[key]['auc_uncalibrated']:.4f})"))
+    for key in ("fpd", "kpd"):
+        if key in m:
+            rows.append((f"{key.upper()} x 10^3", f"{m[key]['x1e3']:.3f} &plusmn; {m[key]['error'] * 1e3:.3f}"))
+    sp = m["separation_power"]
+    rows.append(("separation power E_tot/E_inc", f"{sp['response']:.5f}"))
+    for k, v in sp.items():
+        if isinstance(v, dict):
+            rows.append((f"separation power {k} (mean over layers)", f"{v['mean']:.5f}"))
+    if "voxel_energy" in sp:
+        rows.append(("separation power voxel energy", f"{sp['voxel_energy']:.5f}"))
+    r = m["response"]
+    rows.append(("E_tot/E_inc mean (rms)", f"generated {r['generated']['mean']:.4f} ({r['generated']['std']:.4f}); "
+                 f"reference {r['reference']['mean']:.4f} ({r['reference']['std']:.4f})"))
+    table = "\n".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td></tr>" for a, b in rows)
+    imgs = "\n".join(f"<h2>{html.escape(k.replace('_', ' '))}</h2>{_img(out_dir / v)}" for k, v in m.get("plots", {}).items())
+    note = ("<p><b>Fast mode</b>: shortened classifier, numbers are for smoke runs only.</p>" if m.get("fast") else "")
+    page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>calofast evaluation {html.escape(m['label'])}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td{{padding:3px 12px;border-bottom:1px solid #ddd}}</style>
+</head><body><h1>calofast evaluation {html.escape(m['label'])}</h1>
+<p>generated: <code>{html.escape(m['generated'])}</code><br>reference: <code>{html.escape(m['reference'])}</code><br>
+geometry {html.escape(m['geometry'])}, {m['events']} events per file; definitions of {html.escape(m['protocol'])};
+calofast {html.escape(m['calofast_version'])}, {html.escape(m['created'])}</p>{note}
+<table>{table}</table>{imgs}</body></html>"""
+    path = out_dir / "report.html"
+    path.write_text(page)
+    return path
+
