@@ -71,7 +71,8 @@ class DiscreteVP:
         """Fractional table index of sigma, by linear interpolation in ln sigma (clamped to the table)."""
         log_table = _log_table(self.schedule, self.T, str(sigma.device))
         ls = torch.log(sigma.float().clamp_min(1e-20)).clamp(log_table[0], log_table[-1])
-        hi = torch.searchsorted(log_table, ls.contiguous()).clamp(1, self.T - 1)
+        # Index of the first table entry >= ls (a comparison count rather than searchsorted: exports to ONNX).
+        hi = (log_table[None, :] < ls[:, None]).sum(dim=1).clamp(1, self.T - 1)
         lo = hi - 1
         w = (ls - log_table[lo]) / (log_table[hi] - log_table[lo])
         return lo.float() + w

@@ -67,14 +67,17 @@ def resolve_sampler(bundle: Bundle, name: str | None, steps: int | None) -> tupl
     return name or "dpmpp-2m", steps or 20, None
 
 
-def sample_batch(bundle: Bundle, energies: torch.Tensor, seed: int, events, *, sampler: str = "dpmpp-2m",
-                 steps: int = 20, sigmas: torch.Tensor | None = None, bf16: bool = False,
+def sample_batch(bundle: Bundle, energies: torch.Tensor, seed: int, events, *, sampler: str | None = None,
+                 steps: int | None = None, sigmas: torch.Tensor | None = None, bf16: bool = False,
                  knobs: dict | None = None) -> tuple[torch.Tensor, int]:
-    """One batch of showers [B, V] (MeV, float32, on the bundle's device) and the counted NFE."""
+    """One batch of showers [B, V] (MeV, float32, on the bundle's device) and the counted NFE.
+
+    sampler/steps default to the bundle's own (distilled students), else DPM-Solver++(2M) with 20 steps."""
     device = next(bundle.denoiser.parameters()).device
     energies = torch.as_tensor(energies, dtype=torch.float64, device=device).reshape(-1)
     if sigmas is None:
-        sigmas = make_sigmas(bundle.denoiser, sampler, steps)
+        sampler, steps, sigmas = resolve_sampler(bundle, sampler, steps)
+        sigmas = make_sigmas(bundle.denoiser, sampler, steps) if sigmas is None else sigmas
     rng = EventRNG(seed, events, device)
     noise = rng.randn(bundle.event_shape)
     cond = bundle.transform.condition(energies)

@@ -66,10 +66,11 @@ class Transform(nn.Module):
         return math.exp(float(self.log_e_min)), math.exp(float(self.log_e_max))
 
     # ---------------------------------------------------------------- maps
-    def condition(self, energies: torch.Tensor) -> torch.Tensor:
-        """Incident energies [B] MeV -> cond [B, 1] in [-1, 1] over the fitted range."""
-        le = torch.log(energies.double().reshape(-1))
-        c = 2 * (le - self.log_e_min) / (self.log_e_max - self.log_e_min) - 1
+    def condition(self, energies: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Incident energies [B] MeV -> cond [B, 1] in [-1, 1] over the fitted range (computed in dtype)."""
+        le = torch.log(energies.to(dtype).reshape(-1))
+        lo, hi = self.log_e_min.to(dtype), self.log_e_max.to(dtype)
+        c = 2 * (le - lo) / (hi - lo) - 1
         return c.float()[:, None]
 
     def energies(self, cond: torch.Tensor) -> torch.Tensor:
@@ -90,14 +91,18 @@ class Transform(nn.Module):
         y = (self._pre(showers, energies) - self.mean) / self.std
         return self.geometry.to_grid(y.float())
 
-    def inverse(self, x: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
-        """[B, 1, L, A, R] -> [B, V] MeV, non-negative, voxels below the threshold set to 0."""
-        y = self.geometry.to_flat(x).double() * self.std + self.mean
+    def inverse(self, x: torch.Tensor, energies: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """[B, 1, L, A, R] -> [B, V] MeV, non-negative, voxels below the threshold set to 0.
+
+        Computed in `dtype` (float64 by default; the ONNX export uses float32)."""
+        y = self.geometry.to_flat(x).to(dtype) * self.std.to(dtype) + self.mean.to(dtype)
         if self.kind == "log1p":
-            e = torch.expm1(y.clamp(max=60.0)) * self.scale    # clamp: a diverged sample stays finite
+            # exp - 1 rather than expm1 (no ONNX op): exact enough, values that lose digits sit below the
+            # threshold (y < ln 2) and become 0. The clamp keeps a diverged sample finite.
+            e = (torch.exp(y.clamp(max=60.0)) - 1) * self.scale.to(dtype)
         else:
             u = (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)
-            e = u * energies.double().reshape(-1, 1)
+            e = u * energies.to(dtype).reshape(-1, 1)
         e = e.clamp_min(0)
         return torch.where(e < self.geometry.threshold_mev, torch.zeros_like(e), e).float()
 
