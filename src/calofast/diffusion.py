@@ -16,7 +16,6 @@ plus a training distribution of sigma and a loss weight; samplers never branch o
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,33 +42,34 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-@functools.lru_cache(maxsize=None)
-def _table(schedule: str, T: int) -> np.ndarray:
-    table = vp_sigmas(schedule, T)
-    table.setflags(write=False)
-    return table
-
-
-@functools.lru_cache(maxsize=None)
-def _log_table(schedule: str, T: int, device: str) -> torch.Tensor:
-    """ln sigma table on a device, built once (constant data, not state)."""
-    return torch.as_tensor(np.log(_table(schedule, T)), dtype=torch.float32, device=device)
-
-
 @dataclass(frozen=True)
 class DiscreteVP:
     """A discrete VP table (improved-diffusion betas) and its sigma <-> t maps."""
 
     schedule: str = "cosine"   # 'linear' or 'cosine'
     T: int = 400
+    # ln sigma table per device: constant data built once, kept out of comparisons and repr.
+    _log_tables: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        sigmas = vp_sigmas(self.schedule, self.T)
+        self._log_tables["float64"] = sigmas
+        self._log_tables["cpu"] = torch.log(torch.as_tensor(sigmas)).float()
 
     @property
     def sigmas(self) -> np.ndarray:
-        return _table(self.schedule, self.T)
+        """The exact float64 table sigma_0 < ... < sigma_{T-1} (a copy)."""
+        return self._log_tables["float64"].copy()
+
+    def log_table(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._log_tables:
+            self._log_tables[key] = self._log_tables["cpu"].to(device)
+        return self._log_tables[key]
 
     def t_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional table index of sigma, by linear interpolation in ln sigma (clamped to the table)."""
-        log_table = _log_table(self.schedule, self.T, str(sigma.device))
+        log_table = self.log_table(sigma.device)
         ls = torch.log(sigma.float().clamp_min(1e-20)).clamp(log_table[0], log_table[-1])
         # Index of the first table entry >= ls (a comparison count rather than searchsorted: exports to ONNX).
         hi = (log_table[None, :] < ls[:, None]).sum(dim=1).clamp(1, self.T - 1)
@@ -82,7 +82,7 @@ class DiscreteVP:
 
     def sample_sigma(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
         idx = torch.randint(0, self.T, (n,), generator=generator, device=device)
-        return torch.exp(_log_table(self.schedule, self.T, str(idx.device)))[idx]
+        return torch.exp(self.log_table(idx.device))[idx]
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ class ClassifierConfig:
 
 
 FULL = ClassifierConfig()
-FAST = ClassifierConfig(hidden=256, epochs=5)      # smoke runs only: not comparable to published numbers
+FAST = ClassifierConfig(hidden=256, epochs=10, lr=1e-3)   # smoke runs only: not comparable to published numbers
 
 
 def low_level_inputs(showers: np.ndarray, energies: np.ndarray, threshold: float) -> np.ndarray:

@@ -41,33 +41,47 @@ class _LayerSums:
         return np.add.reduceat(x[:, self.lo:self.hi], self.starts - self.lo, axis=1)
 
 
+def _layer_moments(x: np.ndarray, geometry: Geometry, generic: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per relevant layer: sums of E, E r, E r^2, E x, E x^2, E y, E y^2 [N, L, 7] and hit counts [N, L].
+
+    Regular geometries use one matrix product per batch; others sum contiguous voxel ranges."""
+    r, px, py = geometry.voxel_r, geometry.voxel_x, geometry.voxel_y
+    weights = np.stack([np.ones_like(r), r, r * r, px, px * px, py, py * py], axis=1)      # [V, 7]
+    if geometry.is_regular and not generic:
+        L, A, R = geometry.grid_shape
+        xl = x.reshape(len(x), L, A * R)
+        return xl @ weights[: A * R], (xl > 0).sum(axis=2)
+    sums = _LayerSums(geometry, geometry.relevant_layers)
+    moments = np.stack([sums(x * w) for w in weights.T], axis=2)
+    return moments, sums((x > 0).astype(np.float64))
+
+
 def shower_features(showers: np.ndarray, energies: np.ndarray, geometry: Geometry,
-                    thresholded: bool = False) -> dict[str, np.ndarray]:
+                    thresholded: bool = False, generic: bool = False) -> dict[str, np.ndarray]:
     """Features of a batch: showers [N, V] MeV, incident energies [N] MeV -> dict of [N] / [N, layers]."""
     x = np.asarray(showers, dtype=np.float64)
     if not thresholded:
         x = np.where(x < geometry.threshold_mev, 0.0, x)
     relevant, alpha = geometry.relevant_layers, geometry.alpha_layers
-    sums = _LayerSums(geometry, relevant)
-    r, px, py = geometry.voxel_r, geometry.voxel_x, geometry.voxel_y
-    e_l = sums(x)
+    m, hits = _layer_moments(x, geometry, generic)
+    e_l = m[..., 0]
     n_vox = np.array([geometry.layers[i].n_voxels for i in relevant])
     out = {
         "E_inc": np.asarray(energies, np.float64).reshape(-1),
-        "E_tot": x.sum(axis=1),
+        "E_tot": e_l.sum(axis=1),
         "E_layer": e_l,
-        "sparsity": 1.0 - sums((x > 0).astype(np.float64)) / n_vox,
+        "sparsity": 1.0 - hits / n_vox,
     }
-    ec = sums(x * r) / (e_l + EPS)
+    ec = m[..., 1] / (e_l + EPS)
     out["EC_r"] = ec
-    out["width_r"] = np.sqrt(np.maximum(0.0, sums(x * r * r) / (e_l + EPS) - ec ** 2))
+    out["width_r"] = np.sqrt(np.maximum(0.0, m[..., 2] / (e_l + EPS) - ec ** 2))
     # Eta/phi features on the alpha-binned layers only (a subset of the relevant ones).
     pick = [relevant.index(i) for i in alpha]
     e_a = e_l[:, pick]
-    for name, coord in (("eta", px), ("phi", py)):
-        c = sums(x * coord)[:, pick] / (e_a + EPS)
+    for name, k in (("eta", 3), ("phi", 5)):
+        c = m[:, pick, k] / (e_a + EPS)
         out[f"EC_{name}"] = c
-        out[f"width_{name}"] = np.sqrt(np.maximum(0.0, sums(x * coord * coord)[:, pick] / (e_a + EPS) - c ** 2))
+        out[f"width_{name}"] = np.sqrt(np.maximum(0.0, m[:, pick, k + 1] / (e_a + EPS) - c ** 2))
     return out
 
 

@@ -1,0 +1,100 @@
+"""The evaluation on the built-in data: GFlash vs GFlash sits at the noise floor, a distorted copy does not.
+
+Fast mode (smaller classifier, 10 epochs at lr 1e-3, fewer FPD/KPD draws) keeps CPU time low; 6000 events per file
+give a standard error of the validation AUC of 0.012, so the 0.5 +/- 0.03 band is 2.5 standard errors
+(fixed seeds: the outcome is deterministic).
+"""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from calofast.cli import main
+from calofast.data import read_showers, write_showers
+from calofast.evaluate import evaluate_files, prepare_reference
+from calofast.geometry import PRESETS
+from calofast.gflash import write_gflash
+
+DS2 = PRESETS["ds2"]
+N = 6000
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    a = write_gflash(tmp / "a.h5", DS2, N, "log-uniform:1GeV:1TeV", seed=101, workers=2, progress=False)
+    b = write_gflash(tmp / "b.h5", DS2, N, "log-uniform:1GeV:1TeV", seed=202, workers=2, progress=False)
+    e, s = read_showers(b)
+    scaled = write_showers(tmp / "scaled.h5", e, s * 1.03)
+    grid = s.reshape(N, 45, 144)
+    shifted = np.concatenate([np.zeros_like(grid[:, :1]), grid[:, :-1]], axis=1).reshape(N, -1)
+    shifted = write_showers(tmp / "shifted.h5", e, shifted)
+    return tmp, a, b, scaled, shifted
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    return prepare_reference(files[1], DS2)
+
+
+def _se(m):
+    n = m["n_val"] / 2
+    return np.sqrt((2 * n + 1) / (12 * n * n))
+
+
+def test_gflash_vs_gflash_is_at_the_noise_floor(files, reference):
+    tmp, a, b, *_ = files
+    m = evaluate_files(a, reference, DS2, tmp / "same", fast=True, min_events=1000, progress=False)
+    for key in ("classifier_low", "classifier_high"):
+        assert abs(m[key]["auc"] - 0.5) < 0.03 and 0.03 > 2.5 * _se(m[key]), (key, m[key]["auc"])
+    assert abs(m["kpd"]["value"]) < 3 * m["kpd"]["error"] + 1e-9
+    # FPD of two finite samples has a floor; the floor of two halves of one file is its scale.
+    ref_halves = evaluate_files(_half(files, a, 0), _half(files, a, 1), DS2, tmp / "halves", fast=True,
+                                min_events=1000, classifiers=(), plots=False, progress=False)
+    assert m["fpd"]["value"] < 2.5 * ref_halves["fpd"]["value"]
+    assert json.loads((tmp / "same/metrics.json").read_text())["events"] == N
+    assert (tmp / "same/report.html").stat().st_size > 50_000
+
+
+def _half(files, path, k):
+    tmp = files[0]
+    out = tmp / f"half{k}.h5"
+    if not out.exists():
+        e, s = read_showers(path)
+        write_showers(out, e[k::2], s[k::2])
+    return out
+
+
+@pytest.mark.parametrize("which", ["scaled", "shifted"])
+def test_distorted_copy_is_detected(files, reference, which):
+    tmp, a, b, scaled, shifted = files
+    same = json.loads((tmp / "same/metrics.json").read_text()) if (tmp / "same/metrics.json").exists() else \
+        evaluate_files(a, reference, DS2, tmp / "same2", fast=True, min_events=1000, plots=False, progress=False)
+    m = evaluate_files(scaled if which == "scaled" else shifted, reference, DS2, tmp / which, fast=True,
+                       min_events=1000, plots=False, progress=False)
+    if which == "shifted":
+        # The shortened classifier sees a one-layer shift at once (a 3 % energy scale needs the full one).
+        for key in ("classifier_low", "classifier_high"):
+            assert m[key]["auc"] > 0.5 + 10 * _se(m[key]) and m[key]["auc"] > same[key]["auc"] + 0.1
+    key = "response" if which == "scaled" else "E_layer"
+    get = lambda x: x["separation_power"][key] if key == "response" else x["separation_power"][key]["mean"]
+    assert get(m) > 5 * get(same)
+    assert m["fpd"]["value"] > 3 * same["fpd"]["value"]
+
+
+def test_refuses_mismatched_files(files, tmp_path, capsys):
+    tmp, a, *_ = files
+    ds3 = tmp_path / "ds3.h5"
+    with h5py.File(ds3, "w") as f:
+        f["incident_energies"] = np.ones((10, 1)) * 1e3
+        f["showers"] = np.zeros((10, 40500), np.float32)
+    assert main(["evaluate", "--generated", str(ds3), "--reference", str(a), "-o", str(tmp_path / "r")]) == 2
+    assert "40500 voxels per shower, but geometry ds2 has 6480" in capsys.readouterr().err
+    assert main(["evaluate", "--generated", str(a), "--reference", str(a), "-o", str(tmp_path / "r")]) == 2
+    assert "the protocol needs 100000" in capsys.readouterr().err
+    e, s = read_showers(a)
+    fewer = write_showers(tmp_path / "fewer.h5", e[:3000], s[:3000])
+    assert main(["evaluate", "--generated", str(fewer), "--reference", str(a), "--min-events", "1000", "--fast",
+                 "-o", str(tmp_path / "r")]) == 2
+    assert "needs equal counts" in capsys.readouterr().err
