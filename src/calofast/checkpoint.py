@@ -26,7 +26,7 @@ from .geometry import Geometry, Layer, PRESETS, SamplingMaterial
 from .nn import build_network
 from .transforms import Transform
 
-__all__ = ["Bundle", "save_bundle", "load_bundle", "save_state", "load_state", "file_sha256", "git_commit",
+__all__ = ["Bundle", "save_bundle", "load_bundle", "shipped_models", "SHIPPED", "save_state", "load_state", "file_sha256", "git_commit",
            "atomic_write_bytes"]
 
 FORMAT = "calofast/1"
@@ -138,13 +138,26 @@ def save_bundle(path: "str | Path", denoiser: Preconditioned, transform: Transfo
     return path
 
 
+SHIPPED = Path(__file__).parent / "models"
+
+
+def shipped_models() -> list[str]:
+    """Names of the bundles that ship inside the package (usable wherever a bundle path is)."""
+    return sorted(p.stem for p in SHIPPED.glob("*.safetensors"))
+
+
 def load_bundle(path: "str | Path", device: "str | torch.device" = "cpu") -> Bundle:
-    """Rebuild denoiser and transform from the file alone; strict loading, integrity checked."""
+    """Rebuild denoiser and transform from the file alone; strict loading, integrity checked.
+
+    `path` is a file, or the name of a shipped bundle (e.g. `ds2-teacher-ddpm400`)."""
     from safetensors import safe_open
 
     path = Path(path)
+    if not path.is_file() and (SHIPPED / f"{path.name.removesuffix('.safetensors')}.safetensors").is_file() \
+            and len(path.parts) == 1:
+        path = SHIPPED / f"{path.name.removesuffix('.safetensors')}.safetensors"
     if not path.is_file():
-        raise ValueError(f"{path}: no such model bundle")
+        raise ValueError(f"{path}: no such model bundle (shipped: {', '.join(shipped_models())})")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

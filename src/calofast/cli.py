@@ -147,15 +147,50 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .checkpoint import load_bundle
+    from .export import export_onnx, export_torchscript
+    bundle = load_bundle(a.model)
+    if a.format == "torchscript":
+        path = export_torchscript(bundle, a.output, sampler=a.sampler, steps=a.steps, force=a.force)
+    else:
+        path = export_onnx(bundle, a.output, sampler=a.sampler, steps=a.steps, flavour=a.flavour,
+                           par04_energy_scale=a.par04_energy_scale, force=a.force)
+    print(f"wrote {path}" + ("" if a.format == "torchscript" else f" and {Path(path).with_suffix('.json')}"))
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
+    """GFlash truth -> shipped model through a few-step sampler -> CaloChallenge evaluation -> report."""
+    import numpy as np
+
+    from .checkpoint import load_bundle
+    from .data import read_showers
+    from .evaluate import evaluate_files
+    from .generate import generate_file
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "ds2_gflash.h5"
-    if not data.exists():
+    truth = out / "ds2_gflash_truth.h5"
+    if not truth.exists():
         cmd_gflash(argparse.Namespace(geometry="ds2", n=a.n, energies="log-uniform:1GeV:1TeV", seed=a.seed,
-                                      chunk=2000, force=False, c_s=0.12, substeps=8, output=data, summary=False,
+                                      chunk=1000, force=False, c_s=0.12, substeps=8, output=truth, summary=False,
                                       workers=min(4, os.cpu_count() or 1), no_compress=False))
-    return cmd_info(argparse.Namespace(file=data, geometry="ds2", max_events=None, plot=out / "ds2_gflash.png"))
+    cmd_info(argparse.Namespace(file=truth, geometry="ds2", max_events=None, plot=out / "ds2_gflash_truth.png"))
+    bundle = load_bundle(a.model, device=a.device)
+    energies, _ = read_showers(truth, validate=False)
+    generated = out / f"generated_{Path(a.model).stem}.h5"
+    stats = generate_file(bundle, generated, energies.astype(np.float64), seed=a.seed + 1, sampler=a.sampler,
+                          steps=a.steps, batch_size=500, force=True, bf16=a.device.startswith("cuda"))
+    print(f"generated {stats.n} showers with {Path(a.model).stem}: {stats.sampler} x{stats.steps}, NFE {stats.nfe}, "
+          f"{stats.showers_per_s:.1f} showers/s on {a.device}")
+    m = evaluate_files(generated, truth, bundle.geometry, out / "report", fast=a.fast, min_events=min(a.n, 1000),
+                       label=f"{Path(a.model).stem} {stats.sampler} x{stats.steps}")
+    for key in ("classifier_low", "classifier_high"):
+        print(f"{key}: AUC {m[key]['auc']:.3f}" + ("  (fast classifier)" if a.fast else ""))
+    print(f"FPD x 1e3 {m['fpd']['x1e3']:.1f} +- {m['fpd']['error'] * 1e3:.1f};  E_tot/E_inc generated "
+          f"{m['response']['generated']['mean']:.4f}, truth {m['response']['reference']['mean']:.4f}")
+    print(f"report: {m['report']}")
+    return 0
 
 
 # ---------------------------------------------------------------------- parser
@@ -258,9 +293,34 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("-o", "--output", help="write the table (.csv or .json)")
     be.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("demo", help="the main job on the built-in default (GFlash DS2)",
-                       description="Simulate a GFlash DS2 data set and summarise it.")
-    d.add_argument("--n", type=int, default=10_000, help="GFlash showers (default 10000)")
+    ex = sub.add_parser("export", help="export a bundle + few-step sampler to ONNX (Geant4 Par04) or TorchScript",
+                        description="One ONNX file (opset 17) with preprocessing, the unrolled sampler and the "
+                        "inverse transform. Distilled bundles bring their own sampler and steps.")
+    ex.add_argument("--model", required=True)
+    ex.add_argument("--sampler", help="euler, ddim, heun, dpmpp-2m or consistency (deterministic only)")
+    ex.add_argument("--steps", type=int)
+    ex.add_argument("--flavour", choices=("par04", "reproducible"), default="reproducible")
+    ex.add_argument("--format", choices=("onnx", "torchscript"), default="onnx",
+                    help="torchscript is a secondary path (reproducible signature)")
+    ex.add_argument("--par04-energy-scale", type=float, default=1.0,
+                    help="par04 flavour: factor on the output (1 = CaloChallenge scale; 0.033 = silicon only)")
+    ex.add_argument("--force", action="store_true")
+    ex.add_argument("-o", "--output", required=True)
+    ex.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("demo", help="the main job: GFlash truth, shipped model, evaluation report",
+                       description="Simulate fresh GFlash DS2 truth, generate the same events with a shipped model "
+                       "through a few-step sampler, evaluate them with the CaloChallenge protocol and print the "
+                       "path of report.html.")
+    d.add_argument("--n", type=int, default=2000, help="showers (default 2000)")
+    d.add_argument("--model", default="ds2-student-pd-2step",
+                   help="bundle or shipped name (default ds2-student-pd-2step; on a GPU try ds2-teacher-ddpm400 "
+                        "with --sampler dpmpp-2m --steps 20)")
+    d.add_argument("--sampler")
+    d.add_argument("--steps", type=int)
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--full", dest="fast", action="store_false",
+                   help="full classifier protocol (default: the fast one, minutes on a CPU)")
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("-o", "--output", default="demo", help="output folder (default demo/)")
     d.set_defaults(func=cmd_demo)

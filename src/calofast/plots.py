@@ -11,7 +11,8 @@ import numpy as np
 from .geometry import Geometry
 from .metrics.features import FileFeatures
 
-__all__ = ["plot_summary", "plot_histograms", "plot_mean_showers", "plot_response", "plot_quality_vs_nfe"]
+__all__ = ["plot_summary", "plot_histograms", "plot_mean_showers", "plot_response", "plot_quality_vs_nfe",
+           "plot_training"]
 
 
 def _plt():
@@ -211,5 +212,23 @@ def plot_quality_vs_nfe(rows: list[dict], out: "str | Path", metric: str = "auc_
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_training(stats_jsonl: "str | Path", out: "str | Path") -> Path:
+    """Loss and throughput against showers seen, from a run's stats.jsonl."""
+    import json
+    plt = _plt()
+    rows = [json.loads(line) for line in Path(stats_jsonl).read_text().splitlines() if line.strip()]
+    shown = np.array([r["showers"] for r in rows]) / 1e6
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax[0].plot(shown, [r["loss"] for r in rows], "k.-")
+    ax[0].set(xlabel="showers seen [M]", ylabel="training loss", yscale="log", title=Path(stats_jsonl).parent.name)
+    ax[1].plot(shown, [r["showers_per_s"] for r in rows], "k.-")
+    ax[1].set(xlabel="showers seen [M]", ylabel="showers / s")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

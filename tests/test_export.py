@@ -1,0 +1,154 @@
+"""ONNX export: ONNX Runtime equals PyTorch, names and shapes, Par04 order, oldest and newest runtimes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install '.[test]')")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install '.[test]')")
+
+from calofast.checkpoint import load_bundle  # noqa: E402
+from calofast.cli import main  # noqa: E402
+from calofast.export import Par04Model, UnrolledSampler, export_onnx, export_torchscript  # noqa: E402
+from calofast.generate import sample_batch  # noqa: E402
+from calofast.geometry import PRESETS  # noqa: E402
+from calofast.rng import EventRNG  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "src/calofast/models"
+ORT_OLD = "1.15.1"
+
+
+@pytest.fixture(scope="module")
+def student():
+    return load_bundle(MODELS / "ds2-student-pd-2step.safetensors")
+
+
+@pytest.fixture(scope="module")
+def exported(student, tmp_path_factory):
+    return export_onnx(student, tmp_path_factory.mktemp("onnx") / "pd2.onnx")
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_reproducible_flavour_matches_pytorch(student, exported):
+    sess = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in sess.get_inputs()] == [("conditions", ["batch", 1]), ("noise", ["batch", 6480])]
+    assert [(o.name, o.shape) for o in sess.get_outputs()] == [("showers", ["batch", 6480])]
+    for b in (1, 5):
+        e = torch.exp(torch.empty(b, dtype=torch.float64).uniform_(np.log(1e3), np.log(1e6),
+                                                                     generator=torch.Generator().manual_seed(b)))
+        noise = EventRNG(7, range(b)).randn(student.event_shape)
+        ref, nfe = sample_batch(student, e, 7, range(b))
+        out = sess.run(None, {"conditions": e.float()[:, None].numpy(), "noise": noise.reshape(b, -1).numpy()})[0]
+        assert out.shape == (b, 6480) and nfe == 2
+        assert _rel(out, ref.numpy()) < 1e-4
+
+
+def test_metadata_opset_and_sidecar(exported):
+    model = onnx.load(str(exported))
+    assert model.ir_version == 8 and model.opset_import[0].version == 17
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["sampler"] == "euler" and meta["steps"] == "2" and meta["geometry"] == "ds2"
+    assert "MeV" in meta["outputs"] and json.loads(meta["incident_energy_range_mev"])[1] > 9e5
+    side = json.loads(exported.with_suffix(".json").read_text())
+    assert side["flavour"] == "reproducible" and side["model_sha256"]
+
+
+class _OneHot(torch.nn.Module):
+    """Stand-in core: puts the incident energy into one CaloChallenge voxel."""
+
+    noise_draws, n_voxels = 1, 6480
+
+    def __init__(self, voxel):
+        super().__init__()
+        self.voxel = voxel
+
+    def forward(self, conditions, noise):
+        out = torch.zeros_like(noise)
+        out[:, self.voxel] = conditions[:, 0]
+        return out
+
+
+def test_par04_flavour_puts_a_voxel_in_the_right_cell(tmp_path):
+    geo = PRESETS["ds2"]
+    iz, ia, ir = 12, 5, 3
+    voxel = (iz * 16 + ia) * 9 + ir
+    bundle = type("B", (), {"geometry": geo})()
+    model = Par04Model(_OneHot(voxel), bundle).eval()
+    path = tmp_path / "onehot.onnx"
+    torch.onnx.export(model, (torch.zeros(2, 8),), str(path), input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "b"}, "output": {0: "b"}}, opset_version=17, dynamo=False)
+    x = np.zeros((3, 8), np.float32)
+    x[:, 0], x[:, 3] = [1.0, 10.0, 100.0], 1.0
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    cell = (ir * 16 + ia) * 45 + iz                     # Par04: r outer, phi, z fastest
+    assert np.all(np.argmax(out, axis=1) == cell)
+    np.testing.assert_allclose(out[:, cell], [1.0, 10.0, 100.0], rtol=1e-6)   # GeV in, GeV out
+
+
+def test_par04_flavour_of_the_shipped_student(tmp_path):
+    b = load_bundle(MODELS / "ds2-student-pd-1step.safetensors")
+    path = export_onnx(b, tmp_path / "par04.onnx", flavour="par04")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in sess.get_inputs()] == [("input", ["batch", 8])]
+    x = np.zeros((4, 8), np.float32)
+    x[:, 0], x[:, 2], x[:, 3] = 50.0, 1.5708, 1.0
+    a, c = sess.run(None, {"input": x})[0], sess.run(None, {"input": x})[0]
+    assert a.shape == (4, 6480) and np.all(np.isfinite(a)) and np.all(a >= 0)
+    assert not np.array_equal(a, c)                       # noise is drawn inside the graph
+    assert 0.5 < float(a.sum(1).mean()) / 50.0 < 1.5     # GeV, near the incident energy
+    with pytest.raises(ValueError, match="deterministic"):
+        export_onnx(b, tmp_path / "x.onnx", sampler="ddpm", steps=4)
+
+
+def test_torchscript_secondary_path(student, tmp_path):
+    path = export_torchscript(student, tmp_path / "pd2.pt")
+    ts = torch.jit.load(str(path))
+    e = torch.tensor([[5e3], [2e5]])
+    noise = EventRNG(1, range(2)).randn(student.event_shape).reshape(2, -1)
+    core = UnrolledSampler(student, "euler", torch.tensor(student.sampler["sigmas"], dtype=torch.float64))
+    with torch.no_grad():
+        torch.testing.assert_close(ts(e, noise), core(e, noise))
+
+
+def test_cli_export(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(MODELS / "ds2-student-pd-1step.safetensors"), "-o", str(out)]) == 0
+    assert out.exists() and out.with_suffix(".json").exists()
+    assert main(["export", "--model", str(MODELS / "ds2-student-pd-1step.safetensors"), "-o", str(out)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def _old_runtime() -> Path:
+    """A second small venv with the oldest onnxruntime on the package index, made once and reused."""
+    env = Path(os.environ.get("CALOFAST_ORT_OLD_VENV", REPO / ".cache" / f"ort-{ORT_OLD}"))
+    python = env / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+        r = subprocess.run([str(python), "-m", "pip", "install", "-q", f"onnxruntime=={ORT_OLD}", "numpy<2"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, f"cannot install onnxruntime {ORT_OLD}: {r.stderr[-2000:]}"
+    return python
+
+
+@pytest.mark.skipif(os.environ.get("CALOFAST_SKIP_OLD_ORT") == "1", reason="CALOFAST_SKIP_OLD_ORT=1")
+def test_loads_in_oldest_and_newest_onnxruntime(student, exported, tmp_path):
+    e = np.array([[3e3], [4e5]], np.float32)
+    noise = EventRNG(2, range(2)).randn(student.event_shape).reshape(2, -1).numpy()
+    np.savez(tmp_path / "in.npz", conditions=e, noise=noise)
+    results = {}
+    for name, python in (("new", sys.executable), ("old", str(_old_runtime()))):
+        r = subprocess.run([python, str(REPO / "tests/ort_run.py"), str(exported), str(tmp_path / "in.npz"),
+                            str(tmp_path / f"{name}.npz")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        results[name] = np.load(tmp_path / f"{name}.npz")
+    assert str(results["old"]["version"]) == ORT_OLD
+    assert _rel(results["old"]["out"], results["new"]["out"]) < 1e-5
