@@ -83,6 +83,18 @@ def test_consistency_loss_decreases_and_bundle_samples(teacher, tmp_path, capsys
         assert f"NFE {steps}," in capsys.readouterr().out
         s = read_showers(g)[1]
         assert np.all(np.isfinite(s)) and np.all(s >= 0)
+    # The two-step consistency sampler exports with its re-noising draw as part of the noise input.
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+    from calofast.export import export_onnx
+    from calofast.generate import sample_batch
+    onnx_path = export_onnx(student, tmp_path / "cd2.onnx", steps=2)
+    e = torch.tensor([2e3, 7e4], dtype=torch.float64)
+    ref, nfe = sample_batch(student, e, 5, range(2), steps=2)
+    r = EventRNG(5, range(2))
+    noise = torch.stack([r.randn(student.event_shape), r.randn(student.event_shape)], 1).reshape(2, -1)
+    out = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
+        None, {"conditions": e.float()[:, None].numpy(), "noise": noise.numpy()})[0]
+    assert nfe == 2 and np.linalg.norm(out - ref.numpy()) <= 1e-4 * np.linalg.norm(ref.numpy()) + 1e-6
 
 
 def test_cli_distill_progressive_needs_no_sampler_flags(teacher, tmp_path, capsys):

@@ -25,7 +25,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import Bundle, file_sha256
 from .generate import make_sigmas, resolve_sampler
-from .samplers import consistency_step, dpmpp_2m_step, euler_step, heun_step
+from .samplers import SAMPLERS
 
 __all__ = ["UnrolledSampler", "Par04Model", "export_onnx", "export_torchscript", "DETERMINISTIC"]
 
@@ -33,8 +33,22 @@ DETERMINISTIC = ("euler", "ddim", "heun", "dpmpp-2m", "consistency")
 Flavour = Literal["par04", "reproducible"]
 
 
+class _NoiseFeed:
+    """Hands the graph's noise input to a stochastic step, draw by draw (stands in for an EventRNG)."""
+
+    def __init__(self, draws: torch.Tensor):
+        self.draws, self.k = draws, 0          # [B, K, ...]
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.draws[:, self.k]
+        self.k += 1
+        return out
+
+
 class UnrolledSampler(nn.Module):
-    """conditions [B, 1] MeV, noise [B, K*V or V] -> showers [B, V] MeV, all float32."""
+    """conditions [B, 1] MeV, noise [B, K*V or V] -> showers [B, V] MeV, all float32.
+
+    Runs the library's own sampler function with a fixed grid; tracing unrolls its loop."""
 
     def __init__(self, bundle: Bundle, sampler: str, sigmas: torch.Tensor):
         super().__init__()
@@ -50,28 +64,9 @@ class UnrolledSampler(nn.Module):
         energies = conditions[:, 0]
         cond = self.transform.condition(energies, dtype=torch.float32)
         z = noise.reshape(noise.shape[0], self.noise_draws, *self.event_shape)
-        s, d = self.sigmas, self.denoiser
-        x = z[:, 0] * s[0]
-        if self.sampler in ("euler", "ddim"):
-            for i in range(len(s) - 1):
-                x, _ = euler_step(d, x, s[i], s[i + 1], cond)
-        elif self.sampler == "heun":
-            for i in range(len(s) - 1):
-                x, _ = heun_step(d, x, s[i], s[i + 1], cond)
-        elif self.sampler == "dpmpp-2m":
-            from .samplers import default_lower_order_final
-            n, old, h = len(s) - 1, None, None
-            k = default_lower_order_final(n)
-            for i in range(n):
-                x, old, h = dpmpp_2m_step(d, x, s[i], s[i + 1], cond, old_denoised=old, h_last=h, first_order=i >= n - k)
-        else:                                    # multistep consistency: s = points + [sigma_min]
-            points = s[:-1]
-            for k, sigma in enumerate(points):
-                x0 = consistency_step(d, x, sigma, cond)
-                if k + 1 < len(points):
-                    x = x0 + (points[k + 1] ** 2 - s[-1] ** 2) ** 0.5 * z[:, k + 1]
-            x = x0
-        return self.transform.inverse(x, energies, dtype=torch.float32)
+        x0 = SAMPLERS[self.sampler].fn(self.denoiser, z[:, 0], torch.tensor(self.sigmas, dtype=torch.float64), cond,
+                                       rng=_NoiseFeed(z[:, 1:]))
+        return self.transform.inverse(x0, energies, dtype=torch.float32)
 
 
 class Par04Model(nn.Module):
@@ -93,8 +88,7 @@ def _metadata(bundle: Bundle, sampler: str, sigmas, flavour: str, io: dict) -> d
     lo, hi = bundle.transform.energy_range
     return {"producer": f"calofast {__version__}", "flavour": flavour, "model": bundle.path.name if bundle.path else "",
             "model_sha256": file_sha256(bundle.path) if bundle.path else "", "sampler": sampler,
-            "steps": len(sigmas) - 1 if sampler != "consistency" else len(sigmas) - 1, "sigmas": [float(s) for s in sigmas],
-            "nfe": (2 * (len(sigmas) - 1) - 1 if sampler == "heun" else len(sigmas) - 1),
+            "steps": len(sigmas) - 1, "sigmas": [float(s) for s in sigmas], "nfe": SAMPLERS[sampler].nfe(len(sigmas) - 1),
             "geometry": bundle.geometry.name, "grid": list(bundle.geometry.grid_shape),
             "incident_energy_range_mev": [lo, hi], **io}
 

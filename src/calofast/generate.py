@@ -21,13 +21,12 @@ from .diffusion import Boundary, EDM
 from .distill.consistency import consistency_points
 from .rng import EventRNG
 from .samplers import SAMPLERS, CountingDenoiser
-from .schedules import karras, karras_consistency, table_grid
+from .schedules import SIGMA_MAX_CAP, karras, karras_consistency, table_grid
 
 log = logging.getLogger("calofast")
 
 __all__ = ["make_sigmas", "sample_batch", "generate_file", "GenerateStats", "resolve_sampler"]
 
-SIGMA_MAX_CAP = 160.0   # in units of sigma_data
 
 
 def _table(param):

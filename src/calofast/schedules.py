@@ -17,9 +17,12 @@ import numpy as np
 import torch
 
 __all__ = ["vp_betas", "vp_sigmas", "karras", "exponential", "table_indices", "table_grid",
-           "karras_consistency", "Spacing"]
+           "karras_consistency", "Spacing", "SIGMA_MAX_CAP"]
 
 Spacing = Literal["leading", "trailing", "linspace"]
+# Continuous grids on a discrete VP model start at min(table max, SIGMA_MAX_CAP sigma_data): the cosine
+# table's last entries (sigma up to 8116) would waste steps far above the data scale (spec 4.1).
+SIGMA_MAX_CAP = 160.0
 
 
 def vp_betas(kind: Literal["linear", "cosine"], T: int) -> np.ndarray:

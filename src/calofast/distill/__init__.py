@@ -17,7 +17,7 @@ import torch
 from ..checkpoint import Bundle, file_sha256, load_bundle, save_bundle
 from ..config import Config, dumps
 from ..diffusion import Boundary, Preconditioned
-from ..schedules import karras_consistency
+from ..schedules import SIGMA_MAX_CAP, karras_consistency
 from ..train import fit, load_training_data, setup_distributed
 from .consistency import consistency_loss, consistency_points, update_target
 from .progressive import progressive_loss, student_grid
@@ -25,7 +25,6 @@ from .progressive import progressive_loss, student_grid
 __all__ = ["distill_progressive", "distill_consistency", "distill_sigma_range"]
 
 log = logging.getLogger("calofast.distill")
-SIGMA_MAX_CAP = 160.0
 
 
 def distill_sigma_range(bundle: Bundle, cfg: Config) -> tuple[float, float]:
@@ -58,7 +57,7 @@ def distill_progressive(teacher_path: "str | Path", data_path: "str | Path", run
         (run_dir / "config.json").write_text(dumps(cfg))
     x0, cond = load_training_data(data_path, teacher_bundle.transform, cfg.train.max_events, d.device)
     s_min, s_max = distill_sigma_range(teacher_bundle, cfg)
-    parent, data_meta = _meta(teacher_path, data_path, x0) if d.main else ("", [])
+    parent, data_meta = _meta(teacher_bundle.path, data_path, x0) if d.main else ("", [])
     teacher, param = teacher_bundle.denoiser, teacher_bundle.denoiser.param
     stage_cfg = replace(cfg.train, showers=dc.showers_per_stage, warmup_showers=0, lr=dc.lr, lr_min_ratio=0.0)
     bundles, n = [], dc.start_steps // 2
@@ -109,7 +108,7 @@ def distill_consistency(teacher_path: "str | Path", data_path: "str | Path", run
     teacher = teacher_bundle.denoiser
     student = _student(teacher, Boundary(teacher.param, s_min))
     target = copy.deepcopy(student).eval().requires_grad_(False)
-    parent, data_meta = _meta(teacher_path, data_path, x0) if d.main else ("", [])
+    parent, data_meta = _meta(teacher_bundle.path, data_path, x0) if d.main else ("", [])
     steps = dc.cm_sampler_steps[0]
     sampler = {"name": "consistency", "steps": steps, "sigmas": consistency_points(grid, steps).tolist(),
                "grid": grid.tolist(), "method": "consistency"}
