@@ -83,3 +83,14 @@ def test_event_k_identical_within_library(bundle_path):
     full, _ = sample_batch(b, e, 1, range(5), sampler="ddpm", steps=20)
     part, _ = sample_batch(b, e[2:4], 1, range(2, 4), sampler="ddpm", steps=20)
     torch.testing.assert_close(part, full[2:4], rtol=1e-5, atol=1e-5)
+
+
+def test_bench_cli_writes_a_table(tmp_path, bundle_path, capsys):
+    import csv
+    out = tmp_path / "bench.csv"
+    assert main(["bench", "--model", str(bundle_path), "--sampler", "ddim", "--steps", "3", "--batch-sizes", "1,4",
+                 "--repeats", "2", "--threads", "1", "-o", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [int(r["batch"]) for r in rows] == [1, 4] and all(int(r["nfe"]) == 3 for r in rows)
+    assert all(float(r["ms_per_shower"]) > 0 and r["threads"] == "1" for r in rows)
+    assert "ms/shower" in capsys.readouterr().out

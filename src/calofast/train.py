@@ -101,9 +101,9 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
     resume state with the rest. Returns (ema model, finished); finished is False when `max_seconds`
     stopped the run early (re-run to continue).
     """
-    extra_modules = extra_modules or {}
     from tqdm import tqdm
 
+    extra_modules = extra_modules or {}
     d = dist_info or setup_distributed()
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"

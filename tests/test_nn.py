@@ -1,0 +1,56 @@
+"""Networks: cylinder symmetry of the U-Net, shapes, attention through SDPA, sizes of the presets."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calofast.config import get_preset
+from calofast.geometry import PRESETS
+from calofast.nn import build_network
+from calofast.nn.layers import count_parameters
+
+DS2 = PRESETS["ds2"]
+
+
+def test_unet_is_equivariant_to_rotations_of_the_cylinder():
+    """Circular padding: rotating the input by 4 alpha bins (two stride-2 levels) rotates the output."""
+    torch.manual_seed(0)
+    net = build_network(get_preset("tiny").network, DS2).eval()
+    for p in net.parameters():                     # zero-initialised output layers would hide everything
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 1, 45, 16, 9)
+    c_noise, cond = torch.tensor([10.0, 500.0]), torch.tensor([[0.3], [-0.5]])
+    with torch.no_grad():
+        y = net(x, c_noise, cond)
+        y_rot = net(torch.roll(x, 4, dims=3), c_noise, cond)
+    torch.testing.assert_close(y_rot, torch.roll(y, 4, dims=3), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(y, torch.roll(y, 4, dims=3))   # and the output is not trivially symmetric
+
+
+@pytest.mark.parametrize("preset, grid", [("tiny", (45, 16, 9)), ("tiny-transformer", (45, 16, 9)),
+                                          ("tiny-transformer", (45, 50, 18)), ("tiny", (45, 50, 18))])
+def test_shapes(preset, grid):
+    geo = PRESETS["ds2" if grid[1] == 16 else "ds3"]
+    net = build_network(get_preset(preset).network, geo)
+    y = net(torch.randn(2, 1, *grid), torch.tensor([1.0, 2.0]), torch.zeros(2, 1))
+    assert y.shape == (2, 1, *grid)
+    assert count_parameters(net) < 500_000
+
+
+def test_attention_goes_through_sdpa(monkeypatch):
+    calls = []
+    original = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    for preset in ("tiny", "tiny-transformer"):
+        net = build_network(get_preset(preset).network, DS2)
+        net(torch.randn(1, 1, 45, 16, 9), torch.tensor([1.0]), torch.zeros(1, 1))
+    assert len(calls) >= 3
+
+
+def test_large_presets_are_large():
+    assert count_parameters(build_network(get_preset("ds2-unet").network, DS2)) > 1_000_000
+    assert count_parameters(build_network(get_preset("ds2-transformer").network, DS2)) > 5_000_000
