@@ -98,3 +98,35 @@ def test_loss_is_zero_for_the_oracle_and_positive_otherwise():
                 return super().forward(x, sigma, cond) + 0.05
         loss_bad = float(denoising_loss(Perturbed(), param, x0, None, torch.Generator().manual_seed(2)))
         assert np.isfinite(loss_opt) and loss_bad > loss_opt
+
+
+@pytest.mark.parametrize("T", [400, 1000, 4000])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_any_number_of_training_steps(T, schedule):
+    """Tables of any length give finite losses and working table samplers (large T, few sampling steps)."""
+    from calofast.generate import make_sigmas
+    from calofast.samplers import ddim, ddpm
+    from calofast.rng import EventRNG
+
+    param = VVP(DiscreteVP(schedule, T))
+    net = OracleNet(param)
+    pre = Preconditioned(net, param).double()
+
+    class Wrapped(torch.nn.Module):
+        sigma_min, sigma_max, sigma_data = param.sigma_min, param.sigma_max, 1.0
+
+        def forward(self, x, sigma, cond):
+            net.sigma = sigma.double()
+            return pre(x, sigma, cond)
+
+    w = Wrapped()
+    w.param = param
+    x0 = D.mu + D.s * torch.randn(512, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(float(denoising_loss(w, param, x0, None, torch.Generator().manual_seed(1))))
+    grid = make_sigmas(w, "ddpm", 20)
+    assert len(grid) == 21 and float(grid[0]) == pytest.approx(param.sigma_max)
+    z = EventRNG(0, range(64)).randn((32,)).double()
+    for sampler in (ddpm, ddim):
+        out = sampler(w, z, grid, None, rng=EventRNG(1, range(64)))
+        # Sample mean of N(mu, s^2) within 5 standard errors (2048 values).
+        assert torch.isfinite(out).all() and abs(float(out.mean()) - D.mu) < 5 * D.s / out.numel() ** 0.5
