@@ -168,13 +168,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .data import read_showers
     from .evaluate import evaluate_files
     from .generate import generate_file
+    from .geometry import get_geometry
+    from .gflash import write_gflash
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     truth = out / "ds2_gflash_truth.h5"
     if not truth.exists():
-        cmd_gflash(argparse.Namespace(geometry="ds2", n=a.n, energies="log-uniform:1GeV:1TeV", seed=a.seed,
-                                      chunk=1000, force=False, c_s=0.12, substeps=8, output=truth, summary=False,
-                                      workers=min(4, os.cpu_count() or 1), no_compress=False))
+        write_gflash(truth, get_geometry("ds2"), a.n, "log-uniform:1GeV:1TeV", a.seed, chunk=1000,
+                     workers=min(4, os.cpu_count() or 1))
     cmd_info(argparse.Namespace(file=truth, geometry="ds2", max_events=None, plot=out / "ds2_gflash_truth.png"))
     bundle = load_bundle(a.model, device=a.device)
     energies, _ = read_showers(truth, validate=False)

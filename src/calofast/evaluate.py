@@ -33,19 +33,18 @@ REFERENCE_COMMIT = "CaloChallenge/homepage@9b41df7"
 PROTOCOL_EVENTS = {"ds1-photons": 121_000, "ds1-pions": 120_800, "ds2": 100_000, "ds3": 100_000}
 
 
-def _voxel_hist(path: Path, geometry: Geometry, edges: np.ndarray, n: int) -> np.ndarray:
-    counts = np.zeros(len(edges) - 1)
-    batch = max(100, 2**24 // geometry.n_voxels)
-    for _, s in iter_showers(path, batch, geometry=geometry, stop=n):
-        s = apply_threshold(s, geometry.threshold_mev)
-        counts += np.histogram(s[s > 0], bins=edges)[0]
-    return counts / counts.sum() if counts.sum() else counts
-
-
-def _low_level(path: Path, geometry: Geometry, n: int) -> np.ndarray:
-    parts = [low_level_inputs(s, e, geometry.threshold_mev)
-             for e, s in iter_showers(path, 5000, geometry=geometry, stop=n)]
-    return np.concatenate(parts)
+def _voxels_pass(path: Path, geometry: Geometry, edges: np.ndarray, n: int,
+                 low_level: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """One more streaming pass: the normalised voxel-energy spectrum on `edges` and, if asked, the
+    `cls-low` classifier inputs (both need every voxel, which the feature pass does not keep)."""
+    counts, parts = np.zeros(len(edges) - 1), []
+    for e, s in iter_showers(path, 5000, geometry=geometry, stop=n):
+        t = apply_threshold(s, geometry.threshold_mev)
+        counts += np.histogram(t[t > 0], bins=edges)[0]
+        if low_level:
+            parts.append(low_level_inputs(t, e, geometry.threshold_mev))
+    hist = counts / counts.sum() if counts.sum() else counts
+    return hist, (np.concatenate(parts) if low_level else None)
 
 
 @dataclass
@@ -68,8 +67,8 @@ def prepare_reference(path: "str | Path", geometry: Geometry, n: int | None = No
     n = info.n_events if n is None else min(n, info.n_events)
     ff = file_features(path, geometry, max_events=n, progress=progress)
     edges = voxel_bins(geometry, ff.voxel_max)
-    return Reference(path, n, ff, edges, _voxel_hist(path, geometry, edges, n), high_level_vector(ff.features),
-                     _low_level(path, geometry, n) if low_level else None)
+    hist, low = _voxels_pass(path, geometry, edges, n, low_level)
+    return Reference(path, n, ff, edges, hist, high_level_vector(ff.features), low)
 
 
 def evaluate_files(generated: "str | Path", reference: "str | Path | Reference", geometry: Geometry,
@@ -94,12 +93,14 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
         raise ShowerFileError(f"{generated}: {info_g.n_events} events but the reference has {info_r.n_events}; "
                               "the classifier test needs equal counts (generate with --energies-from the reference)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not isinstance(reference, Reference) or reference.n != n:
+    if not isinstance(reference, Reference) or reference.n != n or \
+            ("low" in classifiers and reference.low_level is None):
         reference = prepare_reference(ref_path, geometry, n, low_level="low" in classifiers, progress=progress)
     ff_r = reference.features
     ff_g = file_features(generated, geometry, max_events=n, progress=progress)
     edges = reference.voxel_edges
-    vh = (reference.voxel_hist, _voxel_hist(generated, geometry, edges, n))
+    gen_hist, low_g = _voxels_pass(generated, geometry, edges, n, "low" in classifiers)
+    vh = (reference.voxel_hist, gen_hist)
     metrics: dict = {
         "label": label, "generated": str(generated), "reference": str(ref_path), "geometry": geometry.name,
         "events": n, "protocol": REFERENCE_COMMIT, "calofast_version": __version__, "fast": fast,
@@ -113,8 +114,7 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
     if "high" in classifiers:
         metrics["classifier_high"] = classifier_test(hl_g, hl_r, cfg, device, progress)
     if "low" in classifiers:
-        low_r = reference.low_level if reference.low_level is not None else _low_level(ref_path, geometry, n)
-        metrics["classifier_low"] = classifier_test(_low_level(generated, geometry, n), low_r, cfg, device, progress)
+        metrics["classifier_low"] = classifier_test(low_g, reference.low_level, cfg, device, progress)
     if distances:
         # Protocol: FPD over 10k-50k bootstrap samples (10 sizes x 20 draws), KPD 10 x 10k. Smaller files
         # use n-5n; fast mode also cuts the draws (5 sizes x 5 draws, KPD 5 x 2k) for smoke runs.

@@ -269,9 +269,9 @@ class GFlash:
         return out.astype(np.float32)
 
 
-def _simulate_chunk(args) -> tuple[int, np.ndarray, np.ndarray]:
+def _simulate_chunk(args) -> tuple[np.ndarray, np.ndarray]:
     geometry, config, seed, lo, energies = args
-    return lo, energies, GFlash(geometry, config).simulate(energies, seed, range(lo, lo + len(energies)))
+    return energies, GFlash(geometry, config).simulate(energies, seed, range(lo, lo + len(energies)))
 
 
 def write_gflash(path, geometry: Geometry, n: int, energies: "str | np.ndarray", seed: int, *,
@@ -284,6 +284,7 @@ def write_gflash(path, geometry: Geometry, n: int, energies: "str | np.ndarray",
     `workers` > 1 simulates chunks in parallel processes (the file is written in order);
     `compression_level` 0 writes an uncompressed scratch file (faster, larger).
     """
+    from contextlib import nullcontext
     from multiprocessing import get_context
 
     from tqdm import tqdm
@@ -307,14 +308,8 @@ def write_gflash(path, geometry: Geometry, n: int, energies: "str | np.ndarray",
     jobs = [(geometry, config, seed, lo, all_e[lo:lo + chunk]) for lo in range(0, n, chunk)]
     with ShowerWriter(path, geometry.n_voxels, force=force, attrs=attrs, compression_level=compression_level) as writer, \
             tqdm(total=n, unit="shower", desc=f"gflash {geometry.name}", disable=not progress) as bar:
-        if workers > 1:
-            with get_context("spawn").Pool(workers) as pool:
-                for _, e, showers in pool.imap(_simulate_chunk, jobs):
-                    writer.write(e, showers)
-                    bar.update(len(e))
-        else:
-            for job in jobs:
-                _, e, showers = _simulate_chunk(job)
+        with get_context("spawn").Pool(workers) if workers > 1 else nullcontext() as pool:
+            for e, showers in (pool.imap if pool else map)(_simulate_chunk, jobs):
                 writer.write(e, showers)
                 bar.update(len(e))
     return writer.path
