@@ -233,40 +233,45 @@ class GFlash:
         e_gev = energies_mev * 1e-3
         streams = numpy_streams(seed, events, SHOWER)
         T, alpha = self.draw_profiles(e_gev, streams)
-        # Deterministic per-step quantities, in blocks that stay in cache.
-        blocks = [self.step_means(e_gev[i:i + 32], T[i:i + 32], alpha[i:i + 32]) for i in range(0, len(e_gev), 32)]
-        means = {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
         n_spot_total = self.n_spots(e_gev)
         cs2 = self.config.c_s ** 2
         A, R, S, V = self.A, self.R, len(self.t_mid), self.geometry.n_voxels
-        layer_base = self.step_layer * (A * R)                        # [S] flat offset of each step's layer
-        out = np.zeros((len(e_gev), V))
-        for k, g in enumerate(streams):
-            # Sampling fluctuation of each sub-step's energy (GeV): Gamma, mean dE, variance c_s^2 dE.
-            de = g.gamma(e_gev[k] * means["energy_frac"][k] / cs2, cs2)
-            n = np.where(de > 0, np.maximum(1.0, np.floor(n_spot_total[k] * means["spot_frac"][k])), 0)
-            n = n.astype(np.int64)
-            step = np.repeat(np.arange(S), n)                           # sub-step of every spot
-            if step.size == 0:
-                continue
-            # One 64-bit draw per spot: the high half gives u for the radius, the low half the angle bin.
-            raw = g.bit_generator.random_raw(step.size)
-            u = (raw >> np.uint64(32)).astype(np.float64) * 2.0**-32
-            alpha_bin = (((raw & np.uint64(0xFFFFFFFF)) * np.uint64(A)) >> np.uint64(32)).astype(np.int64)
-            # Radius: core with probability p, else tail; r = R_X sqrt(w/(1-w)) inverts F_X (spec 4.1),
-            # where w = u/p (core) or (u-p)/(1-p) (tail) is again uniform.
-            p, rc, rt = means["p"][k][step], means["rc"][k][step], means["rt"][k][step]
-            core = u < p
-            w = np.where(core, u / np.maximum(p, 1e-300), (u - p) / np.maximum(1.0 - p, 1e-300))
-            r = np.where(core, rc, rt) * np.sqrt(w / (1.0 - w))
-            r_bin = self._radial_bin(r)                                 # R: outside the mesh
-            inside = r_bin < R
-            vox = layer_base[step] + alpha_bin * R + r_bin
-            e_spot = de / np.maximum(n, 1) * 1e3                        # MeV per spot, per sub-step
-            out[k] = np.bincount(vox[inside], weights=e_spot[step[inside]], minlength=V)
-        if self.config.apply_threshold:
-            out[out < self.geometry.threshold_mev] = 0.0
-        return out.astype(np.float32)
+        # Spots are binned into an extended grid with one extra radial slot per (layer, angle) that
+        # collects spots beyond the last edge; dropping that slot afterwards costs less than masking
+        # every spot, and leaves the order of the sums (hence every bit of the result) unchanged.
+        layer_base = self.step_layer * (A * (R + 1))                  # [S] flat offset of each step's layer
+        n_ext = len(self.geometry.layers) * A * (R + 1)
+        threshold = self.geometry.threshold_mev if self.config.apply_threshold else None
+        out = np.zeros((len(e_gev), V), dtype=np.float32)
+        for lo in range(0, len(e_gev), 32):
+            # Deterministic per-step quantities of a block of showers (small enough to stay in cache).
+            means = self.step_means(e_gev[lo:lo + 32], T[lo:lo + 32], alpha[lo:lo + 32])
+            for i, g in enumerate(streams[lo:lo + 32]):
+                k = lo + i
+                # Sampling fluctuation of each sub-step's energy (GeV): Gamma, mean dE, variance c_s^2 dE.
+                de = g.gamma(e_gev[k] * means["energy_frac"][i] / cs2, cs2)
+                n = np.where(de > 0, np.maximum(1.0, np.floor(n_spot_total[k] * means["spot_frac"][i])), 0)
+                n = n.astype(np.int64)
+                step = np.repeat(np.arange(S), n)                       # sub-step of every spot
+                if step.size == 0:
+                    continue
+                # One 64-bit draw per spot: the high half gives u for the radius, the low half the angle bin.
+                raw = g.bit_generator.random_raw(step.size)
+                u = (raw >> np.uint64(32)).astype(np.float64) * 2.0**-32
+                alpha_bin = (((raw & np.uint64(0xFFFFFFFF)) * np.uint64(A)) >> np.uint64(32)).view(np.int64)
+                # Radius: core with probability p, else tail; r = R_X sqrt(w/(1-w)) inverts F_X (spec 4.1),
+                # where w = u/p (core) or (u-p)/(1-p) (tail) is again uniform.
+                p, rc, rt = means["p"][i][step], means["rc"][i][step], means["rt"][i][step]
+                core = u < p
+                w = np.where(core, u / np.maximum(p, 1e-300), (u - p) / np.maximum(1.0 - p, 1e-300))
+                r = np.where(core, rc, rt) * np.sqrt(w / (1.0 - w))
+                vox = layer_base[step] + alpha_bin * (R + 1) + self._radial_bin(r)   # radial slot R: outside
+                e_spot = de / np.maximum(n, 1) * 1e3                    # MeV per spot, per sub-step
+                ext = np.bincount(vox, weights=e_spot[step], minlength=n_ext).reshape(-1, R + 1)
+                if threshold is not None:
+                    ext[ext < threshold] = 0.0
+                out[k].reshape(-1, R)[:] = ext[:, :R]
+        return out
 
 
 def _simulate_chunk(args) -> tuple[np.ndarray, np.ndarray]:
