@@ -3,7 +3,9 @@
     python scripts/make_table.py RESULTS_DIR --out docs/
 RESULTS_DIR holds gen/<label>.json, eval/<label>/metrics.json and optionally bench.json (as written by
 scripts/device/eval_table.py). Writes evaluation_table.md, evaluation_table.csv, quality_vs_nfe.png
-and (if bench.json exists) bench_table.md.
+and (if bench.json exists) bench_table.md. Rows listed in eval_table.SAME_AS show the numbers of the
+row they are identical to; rows without results take them from --fallback (an earlier table's CSV,
+e.g. one made with fewer events), marked by their event count.
 """
 import argparse
 import csv
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "device"))
-from eval_table import ROWS  # noqa: E402
+from eval_table import ROWS, SAME_AS  # noqa: E402
 
 from calofast.plots import plot_quality_vs_nfe  # noqa: E402
 
@@ -21,13 +23,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs"))
+    ap.add_argument("--fallback", type=Path, help="CSV of an earlier table for rows without results here")
     a = ap.parse_args()
+    fallback = {}
+    if a.fallback:
+        with open(a.fallback, newline="") as f:
+            fallback = {r["label"]: r for r in csv.DictReader(f) if r["status"] == "ok"}
     rows = []
     for label, family, *_ in ROWS:
-        m_path = a.results / "eval" / label / "metrics.json"
-        g_path = a.results / "gen" / f"{label}.json"
+        source = SAME_AS.get(label, label)
+        m_path = a.results / "eval" / source / "metrics.json"
+        g_path = a.results / "gen" / f"{source}.json"
         if not m_path.exists():
-            rows.append({"label": label, "family": family, "status": "not run"})
+            if label in fallback:
+                r = fallback[label]
+                rows.append({k: (v if k in ("label", "family", "status", "device") else float(v) if v else None)
+                             for k, v in r.items()} | {"nfe": int(float(r["nfe"])), "events": int(float(r["events"])),
+                                                       "same_as": ""})
+            else:
+                rows.append({"label": label, "family": family, "status": "not run"})
             continue
         m = json.loads(m_path.read_text())
         g = json.loads(g_path.read_text()) if g_path.exists() else {}
@@ -40,31 +54,36 @@ def main() -> None:
             "sep_response": sp["response"], "sep_E_layer": sp["E_layer"]["mean"], "sep_voxel": sp.get("voxel_energy"),
             "sep_EC_eta": sp["EC_eta"]["mean"], "sep_width_eta": sp["width_eta"]["mean"], "sep_sparsity": sp["sparsity"]["mean"],
             "resp_mean": m["response"]["generated"]["mean"], "resp_ref": m["response"]["reference"]["mean"],
-            "ms_per_shower": g.get("ms_per_shower"), "events": m["events"], "device": g.get("device", "")})
+            "ms_per_shower": g.get("ms_per_shower"), "events": m["events"], "device": g.get("device", ""),
+            "same_as": source if source != label else ""})
     a.out.mkdir(parents=True, exist_ok=True)
     keys = ["label", "family", "status", "nfe", "auc_low", "auc_high", "fpd_x1e3", "fpd_err_x1e3", "kpd_x1e3",
             "kpd_err_x1e3", "sep_response", "sep_E_layer", "sep_voxel", "sep_EC_eta", "sep_width_eta", "sep_sparsity",
-            "resp_mean", "resp_ref", "ms_per_shower", "events", "device"]
+            "resp_mean", "resp_ref", "ms_per_shower", "events", "device", "same_as"]
     with open(a.out / "evaluation_table.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     fmt = lambda v, p: "–" if v is None else f"{v:.{p}f}"
     lines = ["| row | NFE | AUC low | AUC high | FPD×10³ | KPD×10³ | sep E_tot/E_inc | sep E_layer | sep voxel E | "
-             "sep EC_η | sep width_η | sep sparsity | E_tot/E_inc mean | ms/shower (bs 10k) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "sep EC_η | sep width_η | sep sparsity | E_tot/E_inc mean | ms/shower (bs 10k) | events |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['label']} | not run | | | | | | | | | | | | |")
+            lines.append(f"| {r['label']} | not run | | | | | | | | | | | | | |")
             continue
+        name = f"{r['label']} (= {r['same_as']})" if r.get("same_as") else r["label"]
         lines.append(
-            f"| {r['label']} | {r['nfe'] or '–'} | {r['auc_low']:.3f} | {r['auc_high']:.3f} | "
+            f"| {name} | {r['nfe'] or '–'} | {r['auc_low']:.3f} | {r['auc_high']:.3f} | "
             f"{r['fpd_x1e3']:.1f} ± {r['fpd_err_x1e3']:.1f} | {r['kpd_x1e3']:.3f} ± {r['kpd_err_x1e3']:.3f} | "
             f"{r['sep_response']:.4f} | {r['sep_E_layer']:.4f} | {fmt(r['sep_voxel'], 5)} | {r['sep_EC_eta']:.4f} | "
             f"{r['sep_width_eta']:.4f} | {r['sep_sparsity']:.4f} | {r['resp_mean']:.4f} (ref {r['resp_ref']:.4f}) | "
-            f"{fmt(r['ms_per_shower'], 4)} |")
+            f"{fmt(r['ms_per_shower'], 4)} | {r['events']:,} |")
     (a.out / "evaluation_table.md").write_text("\n".join(lines) + "\n")
-    ok = [r for r in rows if r["status"] == "ok" and r["nfe"]]
+    # The plot shows each generated set once (no duplicates of SAME_AS rows) and only rows of the
+    # run's own size: classifier AUCs from fewer events are not comparable (less training data).
+    n_main = max((r["events"] for r in rows if r["status"] == "ok"), default=0)
+    ok = [r for r in rows if r["status"] == "ok" and r["nfe"] and not r.get("same_as") and r["events"] == n_main]
     plot_quality_vs_nfe(ok, a.out / "quality_vs_nfe.png", "auc_low")
     plot_quality_vs_nfe(ok, a.out / "quality_vs_nfe_high.png", "auc_high")
     bench = a.results / "bench.json"

@@ -1,4 +1,6 @@
 """calofast generate: every sampler name, batch-size independence, NFE reported, energies from a file."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ import torch
 from calofast.checkpoint import load_bundle
 from calofast.cli import main
 from calofast.data import read_showers
-from calofast.generate import make_sigmas, sample_batch
+from calofast.generate import compile_network, is_compiled, make_sigmas, sample_batch
 from calofast.train import train_model
 
 from helpers import tiny_data
@@ -94,3 +96,18 @@ def test_bench_cli_writes_a_table(tmp_path, bundle_path, capsys):
     assert [int(r["batch"]) for r in rows] == [1, 4] and all(int(r["nfe"]) == 3 for r in rows)
     assert all(float(r["ms_per_shower"]) > 0 and r["threads"] == "1" for r in rows)
     assert "ms/shower" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_network_gives_the_same_showers(bundle_path):
+    """`--compile` compiles the raw network only; the showers equal the eager ones to float32 rounding
+    and the parameter names (what bundles store) are unchanged."""
+    eager, compiled = load_bundle(bundle_path), compile_network(load_bundle(bundle_path))
+    assert is_compiled(compiled) and not is_compiled(eager)
+    assert list(compiled.denoiser.state_dict()) == list(eager.denoiser.state_dict())
+    e = torch.tensor([1e3, 1e4, 1e5, 8e5], dtype=torch.float64)
+    a, _ = sample_batch(eager, e, 3, range(4), sampler="ddim", steps=4)
+    b, nfe = sample_batch(compiled, e, 3, range(4), sampler="ddim", steps=4)
+    assert nfe == 4
+    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3 * float(a.abs().max()))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Bundle
-from .generate import make_sigmas, resolve_sampler, sample_batch
+from .generate import is_compiled, make_sigmas, resolve_sampler, sample_batch
 
 __all__ = ["bench", "hardware", "write_table"]
 
@@ -59,7 +59,7 @@ def bench(bundle: Bundle, sampler: str | None, steps: int | None, batch_sizes=(1
                      "std": statistics.stdev(times) if len(times) > 1 else 0.0,
                      "median": statistics.median(times), "showers_per_s": 1e3 / statistics.median(times),
                      "repeats": repeats, "device": hardware(device), "dtype": "bf16" if bf16 else "fp32",
-                     "threads": torch.get_num_threads()})
+                     "threads": torch.get_num_threads(), "compiled": is_compiled(bundle)})
     return rows
 
 

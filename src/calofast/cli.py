@@ -101,8 +101,10 @@ def _energies(a: argparse.Namespace, bundle):
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .checkpoint import load_bundle
-    from .generate import generate_file
+    from .generate import compile_network, generate_file
     bundle = load_bundle(a.model, device=a.device)
+    if a.compile:
+        compile_network(bundle)
     knobs = {"eta": a.eta} if a.eta is not None else {}
     stats = generate_file(bundle, a.output, _energies(a, bundle), seed=a.seed, sampler=a.sampler, steps=a.steps,
                           batch_size=a.batch_size, bf16=a.dtype == "bf16", force=a.force, knobs=knobs)
@@ -136,6 +138,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     bundle = load_bundle(a.model, device=a.device)
+    if a.compile:
+        from .generate import compile_network
+        compile_network(bundle)
     rows = bench(bundle, a.sampler, a.steps, [int(b) for b in a.batch_sizes.split(",")], a.repeats,
                  bf16=a.dtype == "bf16")
     print(f"{'sampler':>14} {'NFE':>5} {'batch':>6} {'ms/shower':>12} {'std':>9} {'showers/s':>11}  device")
@@ -251,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=1000)
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     gen.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the network (slow first batch)")
     gen.add_argument("--force", action="store_true", help="overwrite the output")
     gen.add_argument("-o", "--output", required=True)
     gen.set_defaults(func=cmd_generate)
@@ -291,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--device", default="cpu")
     be.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     be.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    be.add_argument("--compile", action="store_true", help="torch.compile the network (compiled in the warm-up)")
     be.add_argument("-o", "--output", help="write the table (.csv or .json)")
     be.set_defaults(func=cmd_bench)
 

@@ -12,6 +12,7 @@ import datetime
 import html
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,14 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
         raise ShowerFileError(f"{generated}: {info_g.n_events} events but the reference has {info_r.n_events}; "
                               "the classifier test needs equal counts (generate with --energies-from the reference)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    clock, seconds = time.perf_counter(), {}
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = round(now - clock, 2)
+        clock = now
+
     if not isinstance(reference, Reference) or reference.n != n or \
             ("low" in classifiers and reference.low_level is None):
         reference = prepare_reference(ref_path, geometry, n, low_level="low" in classifiers, progress=progress)
@@ -101,6 +110,7 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
     edges = reference.voxel_edges
     gen_hist, low_g = _voxels_pass(generated, geometry, edges, n, "low" in classifiers)
     vh = (reference.voxel_hist, gen_hist)
+    lap("features")
     metrics: dict = {
         "label": label, "generated": str(generated), "reference": str(ref_path), "geometry": geometry.name,
         "events": n, "protocol": REFERENCE_COMMIT, "calofast_version": __version__, "fast": fast,
@@ -113,8 +123,10 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
     cfg = FAST if fast else FULL
     if "high" in classifiers:
         metrics["classifier_high"] = classifier_test(hl_g, hl_r, cfg, device, progress)
+        lap("classifier_high")
     if "low" in classifiers:
         metrics["classifier_low"] = classifier_test(low_g, reference.low_level, cfg, device, progress)
+        lap("classifier_low")
     if distances:
         # Protocol: FPD over 10k-50k bootstrap samples (10 sizes x 20 draws), KPD 10 x 10k. Smaller files
         # use n-5n; fast mode also cuts the draws (5 sizes x 5 draws, KPD 5 x 2k) for smoke runs.
@@ -126,6 +138,7 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
                            **(dict(num_batches=5) if fast else {}))
         metrics["fpd"] = {"value": f_val, "error": f_err, "x1e3": f_val * 1e3}
         metrics["kpd"] = {"value": k_val, "error": k_err, "x1e3": k_val * 1e3}
+        lap("fpd_kpd")
     if plots:
         from .plots import plot_histograms, plot_mean_showers, plot_response
         figs = {"histograms": plot_histograms(ff_r, ff_g, geometry, vh, edges, out_dir / "histograms.png"),
@@ -133,6 +146,8 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
         if geometry.is_regular:
             figs["mean_showers"] = plot_mean_showers(ff_r, ff_g, geometry, out_dir / "mean_showers.png")
         metrics["plots"] = {k: v.name for k, v in figs.items()}
+        lap("plots")
+    metrics["seconds"] = seconds
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if plots:
         metrics["report"] = str(write_report(metrics, out_dir))
