@@ -150,6 +150,7 @@ def generate_worker(rows: list, reference: str, out: Path, n: int, deadline: flo
     n_chunks = -(-n // CHUNK)
     for row in rows:
         label, _, bundle_path, sampler, steps, knobs = row
+        merge(label, n_chunks, out, speed["device"])    # chunks left unmerged by an interrupted earlier run
         for k in range(n_chunks):
             part = out / "gen" / f"{label}.part{k}.json"
             if part.exists() or (out / "gen" / f"{label}.json").exists():
@@ -171,9 +172,10 @@ def generate_worker(rows: list, reference: str, out: Path, n: int, deadline: flo
             with ShowerWriter(out / "gen" / f"{label}.part{k}.h5", showers.shape[1], force=True,
                               compression_level=0) as w:
                 w.write(energies[lo:hi], showers)
-            part.write_text(json.dumps({"seconds": dt, "events": hi - lo, "nfe": nfe, "sampler": name,
-                                        "steps": n_steps, "gpu": gpu, "dtype": "bf16" if dev == "cuda" else "fp32", "compiled": speed.get("compiled", False)
-                                        and bundle_path == TEACHER}))
+            part.write_text(json.dumps({
+                "seconds": dt, "events": hi - lo, "nfe": nfe, "sampler": name, "steps": n_steps, "gpu": gpu,
+                "dtype": "bf16" if dev == "cuda" else "fp32",
+                "compiled": speed.get("compiled", False) and bundle_path == TEACHER}))
             print(f"[gen {gpu}] {label} chunk {k}: {name} x{n_steps} NFE {nfe}, {dt:.1f} s "
                   f"({(hi - lo) / dt:.0f} showers/s)", flush=True)
             merge(label, n_chunks, out, speed["device"])
@@ -187,6 +189,13 @@ def merge(label: str, n_chunks: int, out: Path, device: str) -> None:
     h5, js = [Path(f"{p}.h5") for p in parts], [Path(f"{p}.json") for p in parts]
     if not all(j.exists() for j in js) or not claim(out / "claims" / f"{label}.merge"):
         return
+    lost = [k for k, p in enumerate(h5) if not p.exists()]
+    if lost:                                          # an interrupted merge: redo those chunks
+        for k in lost:
+            js[k].unlink()
+            (out / "claims" / f"{label}.{k}").unlink(missing_ok=True)
+        (out / "claims" / f"{label}.merge").unlink()
+        return
     infos = [json.loads(j.read_text()) for j in js]
     chunks = (read_showers(p, validate=False) for p in h5)
     e, s = next(chunks)
@@ -194,13 +203,13 @@ def merge(label: str, n_chunks: int, out: Path, device: str) -> None:
         w.write(e, s)
         for e, s in chunks:
             w.write(e, s)
-    for p in h5:
-        p.unlink()
     ms = [i["seconds"] / i["events"] * 1e3 for i in infos]
     (out / "gen" / f"{label}.json").write_text(json.dumps(
         {"label": label, "sampler": infos[0]["sampler"], "steps": infos[0]["steps"], "nfe": infos[0]["nfe"],
          "ms_per_shower": statistics.median(ms), "ms_per_chunk_shower": ms, "batch": CHUNK, "dtype": infos[0]["dtype"],
          "compiled": infos[0]["compiled"], "device": device, "events": sum(i["events"] for i in infos)}))
+    for p in h5:                                      # only once the row's record exists
+        p.unlink()
 
 
 def eval_worker(reference: str, baseline: str, out: Path, gpu: int, stop_at: float, labels: list[str],
