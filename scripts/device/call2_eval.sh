@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device run (4 GPUs): the evaluation table of the shipped DS2 teacher and students against a held-out
+# Device run (any number of GPUs; made on 2 x H200): the evaluation table of the shipped DS2 teacher and students against a held-out
 # GFlash reference of N_EVAL (default 50,000) showers. Needs .carry/ (pd-8 and cd students).
 #   bash scripts/device/call2_eval.sh        (on the device machine, from the repo root)
 # Re-entrant: run it again (same machine, or with the last metrics.tgz at .carry/eval50k/metrics.tgz)
