@@ -1,5 +1,5 @@
 """Raw network throughput of a bundle's denoiser (one NFE) on a GPU: eager fp32 / bf16, channels-last,
-torch.compile; FLOPs per shower counted by torch's FlopCounterMode, achieved TFLOP/s reported.
+torch.compile of the network (`calofast.generate.compile_network`); FLOPs per shower counted by torch's FlopCounterMode, achieved TFLOP/s reported.
 
     python benchmarks/bench_network.py --model src/calofast/models/ds2-student-pd-1step.safetensors --batch 10000
 """
@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from calofast.checkpoint import load_bundle
+from calofast.generate import compile_network
 
 
 def timed(fn, reps: int) -> float:
@@ -49,7 +50,7 @@ def main() -> None:
         x_cl = x.contiguous(memory_format=torch.channels_last_3d)
         variants["channels-last bf16"] = lambda: torch.autocast("cuda", torch.bfloat16)(d_cl)(x_cl, sigma, cond)
         if a.compile:
-            dc = torch.compile(d)
+            dc = compile_network(load_bundle(a.model, "cuda")).denoiser    # what --compile does
             variants["torch.compile bf16"] = lambda: torch.autocast("cuda", torch.bfloat16)(dc)(x, sigma, cond)
         for name, fn in variants.items():
             try:

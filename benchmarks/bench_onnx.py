@@ -18,7 +18,6 @@ import onnxruntime as ort
 from calofast.checkpoint import load_bundle
 from calofast.export import export_onnx
 
-MODELS = Path(__file__).resolve().parents[1] / "src/calofast/models"
 
 
 def latency(path: Path, threads: int, repeats: int) -> list[float]:
@@ -49,7 +48,7 @@ def main() -> None:
     print(f"onnxruntime {ort.__version__}, CPU {platform.processor() or platform.machine()}, {cores} cores")
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models:
-            bundle = load_bundle(MODELS / f"ds2-student-{name}step.safetensors")
+            bundle = load_bundle(f"ds2-student-{name}step")                     # a shipped bundle
             path = export_onnx(bundle, Path(tmp) / f"{name}.onnx")
             for threads in (1, cores):
                 t = latency(path, threads, a.repeats)

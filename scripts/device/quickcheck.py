@@ -11,7 +11,7 @@ import torch
 
 from calofast.checkpoint import load_bundle
 from calofast.data import read_showers
-from calofast.generate import make_sigmas, resolve_sampler, sample_batch
+from calofast.generate import resolve_sampler, sample_batch
 from calofast.geometry import PRESETS
 from calofast.metrics.features import shower_features
 
@@ -38,7 +38,6 @@ def main() -> None:
         path, *rest = spec.split(":")
         b = load_bundle(path, a.device)
         name, steps, sigmas = resolve_sampler(b, rest[0] if rest else None, int(rest[1]) if len(rest) > 1 else None)
-        sigmas = make_sigmas(b.denoiser, name, steps) if sigmas is None else sigmas
         out, t0 = [], time.perf_counter()
         for lo in range(0, a.n, 2000):
             x, nfe = sample_batch(b, torch.from_numpy(e[lo:lo + 2000].astype(np.float64)), 1, range(lo, min(lo + 2000, a.n)),

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Bundle
-from .generate import is_compiled, make_sigmas, resolve_sampler, sample_batch
+from .generate import is_compiled, resolve_sampler, sample_batch
 
 __all__ = ["bench", "hardware", "write_table"]
 
@@ -34,7 +34,6 @@ def bench(bundle: Bundle, sampler: str | None, steps: int | None, batch_sizes=(1
     """One row per batch size."""
     device = next(bundle.denoiser.parameters()).device
     name, n_steps, sigmas = resolve_sampler(bundle, sampler, steps)
-    sigmas = make_sigmas(bundle.denoiser, name, n_steps) if sigmas is None else sigmas
     lo, hi = bundle.transform.energy_range
     rows = []
     for b in batch_sizes:

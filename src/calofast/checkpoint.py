@@ -26,8 +26,8 @@ from .geometry import Geometry, Layer, PRESETS, SamplingMaterial
 from .nn import build_network
 from .transforms import Transform
 
-__all__ = ["Bundle", "save_bundle", "load_bundle", "shipped_models", "SHIPPED", "save_state", "load_state", "file_sha256", "git_commit",
-           "atomic_write_bytes"]
+__all__ = ["Bundle", "save_bundle", "load_bundle", "shipped_models", "SHIPPED", "save_state", "load_state",
+           "file_sha256", "git_commit", "atomic_write_bytes"]
 
 FORMAT = "calofast/1"
 
@@ -153,9 +153,9 @@ def load_bundle(path: "str | Path", device: "str | torch.device" = "cpu") -> Bun
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file() and (SHIPPED / f"{path.name.removesuffix('.safetensors')}.safetensors").is_file() \
-            and len(path.parts) == 1:
-        path = SHIPPED / f"{path.name.removesuffix('.safetensors')}.safetensors"
+    shipped = SHIPPED / f"{path.name.removesuffix('.safetensors')}.safetensors"
+    if not path.is_file() and len(path.parts) == 1 and shipped.is_file():
+        path = shipped
     if not path.is_file():
         raise ValueError(f"{path}: no such model bundle (shipped: {', '.join(shipped_models())})")
     try:

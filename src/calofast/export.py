@@ -24,7 +24,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import Bundle, file_sha256
-from .generate import make_sigmas, resolve_sampler
+from .generate import resolve_sampler
 from .samplers import SAMPLERS
 
 __all__ = ["UnrolledSampler", "Par04Model", "export_onnx", "export_torchscript", "DETERMINISTIC"]
@@ -104,7 +104,6 @@ def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = N
     if not bundle.geometry.is_regular:
         raise ValueError("ONNX export supports regular geometries (ds2, ds3)")
     name, n_steps, sigmas = resolve_sampler(bundle, sampler, steps)
-    sigmas = make_sigmas(bundle.denoiser, name, n_steps) if sigmas is None else sigmas
     bundle.to("cpu")
     core = UnrolledSampler(bundle, name, sigmas).eval()
     V = core.n_voxels
@@ -152,7 +151,6 @@ def export_torchscript(bundle: Bundle, output: "str | Path", *, sampler: str | N
     if output.exists() and not force:
         raise ValueError(f"{output}: exists already; refusing to overwrite (use --force)")
     name, n_steps, sigmas = resolve_sampler(bundle, sampler, steps)
-    sigmas = make_sigmas(bundle.denoiser, name, n_steps) if sigmas is None else sigmas
     core = UnrolledSampler(bundle.to("cpu"), name, sigmas).eval()
     with torch.no_grad():
         traced = torch.jit.trace(core, (torch.full((2, 1), 1e4), torch.zeros(2, core.noise_draws * core.n_voxels)))

@@ -54,8 +54,9 @@ def make_sigmas(denoiser, name: str, steps: int, *, spacing: str = "trailing", r
     return karras(steps, denoiser.sigma_min, s_max, rho)
 
 
-def resolve_sampler(bundle: Bundle, name: str | None, steps: int | None) -> tuple[str, int, torch.Tensor | None]:
-    """A distilled bundle brings its own sampler, steps and grid; explicit flags override them."""
+def resolve_sampler(bundle: Bundle, name: str | None, steps: int | None) -> tuple[str, int, torch.Tensor]:
+    """(sampler, steps, sigma grid) to run. A distilled bundle brings its own sampler, steps and grid;
+    explicit flags override them; otherwise DPM-Solver++(2M) with 20 steps on `make_sigmas`' grid."""
     spec = bundle.sampler or {}
     if spec and name in (None, spec["name"]):
         if steps in (None, int(spec["steps"])):
@@ -64,7 +65,8 @@ def resolve_sampler(bundle: Bundle, name: str | None, steps: int | None) -> tupl
             return spec["name"], steps, consistency_points(spec["grid"], steps)
         raise ValueError(f"{bundle.path}: distilled for {spec['name']} with {spec['steps']} steps; "
                          f"other step counts need an explicit --sampler")
-    return name or "dpmpp-2m", steps or 20, None
+    name, steps = name or "dpmpp-2m", steps or 20
+    return name, steps, make_sigmas(bundle.denoiser, name, steps)
 
 
 def compile_network(bundle: Bundle) -> Bundle:
@@ -90,7 +92,6 @@ def sample_batch(bundle: Bundle, energies: torch.Tensor, seed: int, events, *, s
     energies = torch.as_tensor(energies, dtype=torch.float64, device=device).reshape(-1)
     if sigmas is None:
         sampler, steps, sigmas = resolve_sampler(bundle, sampler, steps)
-        sigmas = make_sigmas(bundle.denoiser, sampler, steps) if sigmas is None else sigmas
     rng = EventRNG(seed, events, device)
     noise = rng.randn(bundle.event_shape)
     cond = bundle.transform.condition(energies)
@@ -137,8 +138,6 @@ def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray
 
     name, n_steps, sigmas = resolve_sampler(bundle, sampler, steps)
     check_knobs(name, knobs)
-    if sigmas is None:
-        sigmas = make_sigmas(bundle.denoiser, name, n_steps)
     energies_mev = np.asarray(energies_mev, dtype=np.float64).reshape(-1)
     lo_e, hi_e = bundle.transform.energy_range
     if energies_mev.min() < lo_e * 0.999 or energies_mev.max() > hi_e * 1.001:

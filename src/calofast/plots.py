@@ -22,6 +22,16 @@ def _plt():
     return plt
 
 
+def _save(fig, out: "str | Path", dpi: int, tight: bool = True) -> Path:
+    """Write the figure (tight_layout, or a tight bounding box where the layout is a gridspec) and close it."""
+    out = Path(out)
+    if tight:
+        fig.tight_layout()
+    fig.savefig(out, dpi=dpi, **({} if tight else {"bbox_inches": "tight"}))
+    _plt().close(fig)
+    return out
+
+
 def _profiles(ff: FileFeatures, geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
     """Mean longitudinal [L] and radial [R] energy fractions from the features / mean showers."""
     f = ff.features
@@ -56,11 +66,7 @@ def plot_summary(ff: FileFeatures, geometry: Geometry, out: "str | Path") -> Pat
     else:
         ax[1, 1].axis("off")
     fig.suptitle(f"{ff.path.name}: {ff.n} showers, geometry {geometry.name}")
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=110)
 
 
 def _hist_panel(ax_main, ax_ratio, ref, gen, edges, label, logx=False):
@@ -125,10 +131,7 @@ def plot_histograms(ref: FileFeatures, gen: FileFeatures, geometry: Geometry, vo
         if k == 0:
             ax.legend(fontsize=7)
     fig.suptitle(f"{gen.path.name} vs {ref.path.name}", y=0.995)
-    out = Path(out)
-    fig.savefig(out, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=90, tight=False)
 
 
 def plot_mean_showers(ref: FileFeatures, gen: FileFeatures, geometry: Geometry, out: "str | Path") -> Path:
@@ -152,11 +155,7 @@ def plot_mean_showers(ref: FileFeatures, gen: FileFeatures, geometry: Geometry, 
         im = axes[row, 2].imshow(ratio.T, aspect="auto", origin="lower", cmap="RdBu_r", vmin=0.5, vmax=1.5)
         axes[row, 2].set(title="generated / reference", xlabel="layer", ylabel="radial bin")
         fig.colorbar(im, ax=axes[row, 2])
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=90)
 
 
 def _lognorm(vmin, vmax):
@@ -182,11 +181,7 @@ def plot_response(ref: FileFeatures, gen: FileFeatures, out: "str | Path", bins:
     ax[0].set(xscale="log", xlabel="incident energy [GeV]", ylabel="mean E_tot / E_inc", title="response")
     ax[1].set(xscale="log", yscale="log", xlabel="incident energy [GeV]", ylabel="rms E_tot / E_inc", title="resolution")
     ax[0].legend()
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=100)
 
 
 def plot_quality_vs_nfe(rows: list[dict], out: "str | Path", metric: str = "auc_low") -> Path:
@@ -209,11 +204,7 @@ def plot_quality_vs_nfe(rows: list[dict], out: "str | Path", metric: str = "auc_
         ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=110)
 
 
 def plot_training(stats_jsonl: "str | Path", out: "str | Path") -> Path:
@@ -227,8 +218,4 @@ def plot_training(stats_jsonl: "str | Path", out: "str | Path") -> Path:
     ax[0].set(xlabel="showers seen [M]", ylabel="training loss", yscale="log", title=Path(stats_jsonl).parent.name)
     ax[1].plot(shown, [r["showers_per_s"] for r in rows], "k.-")
     ax[1].set(xlabel="showers seen [M]", ylabel="showers / s")
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=100)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .features import apply_threshold
+
 __all__ = ["ClassifierConfig", "FULL", "FAST", "low_level_inputs", "classifier_test", "roc_auc", "IsotonicCalibrator"]
 
 
@@ -39,7 +41,7 @@ FAST = ClassifierConfig(hidden=256, epochs=10, lr=1e-3)   # smoke runs only: not
 
 def low_level_inputs(showers: np.ndarray, energies: np.ndarray, threshold: float) -> np.ndarray:
     """`cls-low`: [log10 E_inc, E_v / E_inc] of thresholded showers."""
-    s = np.where(showers < threshold, 0.0, showers)
+    s = apply_threshold(showers, threshold)
     e = np.asarray(energies, np.float64).reshape(-1, 1)
     return np.concatenate([np.log10(e), s / e], axis=1)
 
