@@ -4,8 +4,7 @@
 RESULTS_DIR holds gen/<label>.json, eval/<label>/metrics.json and optionally bench.json (as written by
 scripts/device/eval_table.py). Writes evaluation_table.md, evaluation_table.csv, quality_vs_nfe.png
 and (if bench.json exists) bench_table.md. Rows listed in eval_table.SAME_AS show the numbers of the
-row they are identical to; rows without results take them from --fallback (an earlier table's CSV,
-e.g. one made with fewer events), marked by their event count.
+row they are identical to; rows without results are marked "not run".
 """
 import argparse
 import csv
@@ -23,25 +22,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs"))
-    ap.add_argument("--fallback", type=Path, help="CSV of an earlier table for rows without results here")
     a = ap.parse_args()
-    fallback = {}
-    if a.fallback:
-        with open(a.fallback, newline="") as f:
-            fallback = {r["label"]: r for r in csv.DictReader(f) if r["status"] == "ok"}
     rows = []
     for label, family, *_ in ROWS:
         source = SAME_AS.get(label, label)
         m_path = a.results / "eval" / source / "metrics.json"
         g_path = a.results / "gen" / f"{source}.json"
         if not m_path.exists():
-            if label in fallback:
-                r = fallback[label]
-                rows.append({k: (v if k in ("label", "family", "status", "device") else float(v) if v else None)
-                             for k, v in r.items()} | {"nfe": int(float(r["nfe"])), "events": int(float(r["events"])),
-                                                       "same_as": ""})
-            else:
-                rows.append({"label": label, "family": family, "status": "not run"})
+            rows.append({"label": label, "family": family, "status": "not run"})
             continue
         m = json.loads(m_path.read_text())
         g = json.loads(g_path.read_text()) if g_path.exists() else {}
@@ -80,10 +68,8 @@ def main() -> None:
             f"{r['sep_width_eta']:.4f} | {r['sep_sparsity']:.4f} | {r['resp_mean']:.4f} (ref {r['resp_ref']:.4f}) | "
             f"{fmt(r['ms_per_shower'], 4)} | {r['events']:,} |")
     (a.out / "evaluation_table.md").write_text("\n".join(lines) + "\n")
-    # The plot shows each generated set once (no duplicates of SAME_AS rows) and only rows of the
-    # run's own size: classifier AUCs from fewer events are not comparable (less training data).
-    n_main = max((r["events"] for r in rows if r["status"] == "ok"), default=0)
-    ok = [r for r in rows if r["status"] == "ok" and r["nfe"] and not r.get("same_as") and r["events"] == n_main]
+    # The plot shows each generated set once (no duplicates of SAME_AS rows).
+    ok = [r for r in rows if r["status"] == "ok" and r["nfe"] and not r.get("same_as")]
     plot_quality_vs_nfe(ok, a.out / "quality_vs_nfe.png", "auc_low")
     plot_quality_vs_nfe(ok, a.out / "quality_vs_nfe_high.png", "auc_high")
     bench = a.results / "bench.json"
