@@ -239,13 +239,18 @@ class GFlash:
         # Spots are binned into an extended grid with one extra radial slot per (layer, angle) that
         # collects spots beyond the last edge; dropping that slot afterwards costs less than masking
         # every spot, and leaves the order of the sums (hence every bit of the result) unchanged.
-        layer_base = self.step_layer * (A * (R + 1))                  # [S] flat offset of each step's layer
+        # Tables below are over (sub-step, core/tail) pairs: entry 2 * step + (1 if tail else 0).
+        layer_base = np.repeat(self.step_layer * (A * (R + 1)), 2)   # [2S] flat offset of each step's layer
         n_ext = len(self.geometry.layers) * A * (R + 1)
         threshold = self.geometry.threshold_mev if self.config.apply_threshold else None
         out = np.zeros((len(e_gev), V), dtype=np.float32)
         for lo in range(0, len(e_gev), 32):
             # Deterministic per-step quantities of a block of showers (small enough to stay in cache).
             means = self.step_means(e_gev[lo:lo + 32], T[lo:lo + 32], alpha[lo:lo + 32])
+            p_blk = means["p"]
+            shift = _interleave(np.zeros_like(p_blk), p_blk)
+            scale = _interleave(np.maximum(p_blk, 1e-300), np.maximum(1.0 - p_blk, 1e-300))
+            radius = _interleave(means["rc"], means["rt"])
             for i, g in enumerate(streams[lo:lo + 32]):
                 k = lo + i
                 # Sampling fluctuation of each sub-step's energy (GeV): Gamma, mean dE, variance c_s^2 dE.
@@ -259,19 +264,24 @@ class GFlash:
                 raw = g.bit_generator.random_raw(step.size)
                 u = (raw >> np.uint64(32)).astype(np.float64) * 2.0**-32
                 alpha_bin = (((raw & np.uint64(0xFFFFFFFF)) * np.uint64(A)) >> np.uint64(32)).view(np.int64)
-                # Radius: core with probability p, else tail; r = R_X sqrt(w/(1-w)) inverts F_X (spec 4.1),
-                # where w = u/p (core) or (u-p)/(1-p) (tail) is again uniform.
-                p, rc, rt = means["p"][i][step], means["rc"][i][step], means["rt"][i][step]
-                core = u < p
-                w = np.where(core, u / np.maximum(p, 1e-300), (u - p) / np.maximum(1.0 - p, 1e-300))
-                r = np.where(core, rc, rt) * np.sqrt(w / (1.0 - w))
-                vox = layer_base[step] + alpha_bin * (R + 1) + self._radial_bin(r)   # radial slot R: outside
+                # Radius: core if u < p, else tail; r = R_X sqrt(w/(1-w)) inverts F_X (spec 4.1), where
+                # w = u/p (core) or (u-p)/(1-p) (tail) is again uniform. `pair` picks the step's core or tail
+                # entry of each table, so only the branch a spot takes is computed.
+                pair = 2 * step + (u >= p_blk[i][step])
+                w = (u - shift[i][pair]) / scale[i][pair]
+                r = radius[i][pair] * np.sqrt(w / (1.0 - w))
+                vox = layer_base[pair] + alpha_bin * (R + 1) + self._radial_bin(r)   # radial slot R: outside
                 e_spot = de / np.maximum(n, 1) * 1e3                    # MeV per spot, per sub-step
                 ext = np.bincount(vox, weights=e_spot[step], minlength=n_ext).reshape(-1, R + 1)
                 if threshold is not None:
                     ext[ext < threshold] = 0.0
                 out[k].reshape(-1, R)[:] = ext[:, :R]
         return out
+
+
+def _interleave(core: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """[N, S] x 2 -> [N, 2S] with core[:, s] at 2s and tail[:, s] at 2s + 1."""
+    return np.stack([core, tail], axis=2).reshape(len(core), -1)
 
 
 def _simulate_chunk(args) -> tuple[np.ndarray, np.ndarray]:
