@@ -267,12 +267,12 @@ class GFlash:
                 # Radius: core if u < p, else tail; r = R_X sqrt(w/(1-w)) inverts F_X (spec 4.1), where
                 # w = u/p (core) or (u-p)/(1-p) (tail) is again uniform. `pair` picks the step's core or tail
                 # entry of each table, so only the branch a spot takes is computed.
-                pair = 2 * step + (u >= p_blk[i][step])
+                pair = 2 * step + (u >= np.repeat(p_blk[i], n))
                 w = (u - shift[i][pair]) / scale[i][pair]
                 r = radius[i][pair] * np.sqrt(w / (1.0 - w))
                 vox = layer_base[pair] + alpha_bin * (R + 1) + self._radial_bin(r)   # radial slot R: outside
                 e_spot = de / np.maximum(n, 1) * 1e3                    # MeV per spot, per sub-step
-                ext = np.bincount(vox, weights=e_spot[step], minlength=n_ext).reshape(-1, R + 1)
+                ext = np.bincount(vox, weights=np.repeat(e_spot, n), minlength=n_ext).reshape(-1, R + 1)
                 if threshold is not None:
                     ext[ext < threshold] = 0.0
                 out[k].reshape(-1, R)[:] = ext[:, :R]
