@@ -1,5 +1,6 @@
 """Raw network throughput of a bundle's denoiser (one NFE) on a GPU: eager fp32 / bf16, channels-last,
-torch.compile of the network (`calofast.generate.compile_network`); FLOPs per shower counted by torch's FlopCounterMode, achieved TFLOP/s reported.
+torch.compile of the network (`calofast.generate.compile_network`); FLOPs per shower counted by torch's
+FlopCounterMode, achieved TFLOP/s reported.
 
     python benchmarks/bench_network.py --model src/calofast/models/ds2-student-pd-1step.safetensors --batch 10000
 """

@@ -19,7 +19,6 @@ from calofast.checkpoint import load_bundle
 from calofast.export import export_onnx
 
 
-
 def latency(path: Path, threads: int, repeats: int) -> list[float]:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads

@@ -43,7 +43,7 @@ def _voxels_pass(path: Path, geometry: Geometry, edges: np.ndarray, n: int,
         t = apply_threshold(s, geometry.threshold_mev)
         counts += np.histogram(t[t > 0], bins=edges)[0]
         if low_level:
-            parts.append(low_level_inputs(t, e, geometry.threshold_mev))
+            parts.append(low_level_inputs(s, e, geometry.threshold_mev))    # applies the threshold itself
     hist = counts / counts.sum() if counts.sum() else counts
     return hist, (np.concatenate(parts) if low_level else None)
 
