@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from calofast.diffusion import (EDM, Boundary, DiscreteVP, EpsVP, Preconditioned, VVP, X0VP, denoising_loss,
+from calofast.diffusion import (EDM, Boundary, DiscreteVP, EpsVP, Flow, Preconditioned, VVP, X0VP, denoising_loss,
                                 parameterisation_from_dict, parameterisation_to_dict)
 from calofast.schedules import table_indices, vp_betas, vp_sigmas
 
@@ -30,7 +30,7 @@ class OracleNet(torch.nn.Module):
 
 
 @pytest.mark.parametrize("param", [EpsVP(), VVP(), X0VP(), EDM(sigma_data=0.7), EDM(sigma_data=1.3),
-                                   VVP(DiscreteVP("linear", 1000)), Boundary(VVP(), 0.01)])
+                                   VVP(DiscreteVP("linear", 1000)), Boundary(VVP(), 0.01), Flow(), Boundary(Flow(), 0.002)])
 def test_oracle_through_every_parameterisation(param):
     net = OracleNet(param)
     pre = Preconditioned(net, param)
@@ -49,6 +49,8 @@ def test_known_scalings():
     assert (float(cs), float(co)) == pytest.approx((1 / 1.25, -0.5 / math.sqrt(1.25)))
     cs, co, ci, cn = EDM(sigma_data=0.5).scalings(s)
     assert (float(cs), float(co), float(ci), float(cn)) == pytest.approx((0.5, 0.5 / math.sqrt(2), 1 / math.sqrt(0.5), math.log(0.5) / 4))
+    cs, co, ci, cn = Flow().scalings(s)                 # t = 1/3: x_t = x / 1.5, D = x_t - t v
+    assert (float(cs), float(co), float(ci), float(cn)) == pytest.approx((1 / 1.5, -0.5 / 1.5, 1 / 1.5, 1000 / 3))
     b = Boundary(EDM(sigma_data=0.5), 0.002)
     cs, co, _, _ = b.scalings(torch.tensor([0.002]))
     assert float(cs) == pytest.approx(1.0) and float(co) == pytest.approx(0.0)
@@ -73,13 +75,14 @@ def test_time_map_and_spacings():
     assert table_indices(400, 3, "linspace").tolist() == [399, 200, 0]
 
 
-@pytest.mark.parametrize("param", [EpsVP(), VVP(), X0VP(), EDM(sigma_data=0.7), Boundary(EDM(), 0.002)])
+@pytest.mark.parametrize("param", [EpsVP(), VVP(), X0VP(), EDM(sigma_data=0.7), Boundary(EDM(), 0.002),
+                                   Flow(0.9, 0.1, 1.2), Boundary(Flow(), 0.002)])
 def test_parameterisation_serialises(param):
     assert parameterisation_from_dict(parameterisation_to_dict(param)) == param
 
 
 def test_loss_is_zero_for_the_oracle_and_positive_otherwise():
-    for param in (EpsVP(), VVP(), EDM(sigma_data=0.7)):
+    for param in (EpsVP(), VVP(), EDM(sigma_data=0.7), Flow()):
         net = OracleNet(param)
         pre = Preconditioned(net, param).double()
         g = torch.Generator().manual_seed(1)
@@ -130,3 +133,32 @@ def test_any_number_of_training_steps(T, schedule):
         out = sampler(w, z, grid, None, rng=EventRNG(1, range(64)))
         # Sample mean of N(mu, s^2) within 5 standard errors (2048 values).
         assert torch.isfinite(out).all() and abs(float(out.mean()) - D.mu) < 5 * D.s / out.numel() ** 0.5
+
+
+def test_flow_is_rectified_flow_with_logit_normal_time():
+    """The Flow loss is the velocity MSE |v - (n - x0)|^2 on x_t = (1 - t) x0 + t n, t ~ logit-normal(m, s)."""
+    param = Flow(m=0.3, s=0.8)
+    g = torch.Generator().manual_seed(0)
+    sigma = param.sample_sigma(200_000, g, "cpu").double()
+    t = sigma / (1 + sigma)
+    logit_t = torch.log(t) - torch.log1p(-t)
+    # Mean and std of logit(t) within 5 standard errors of (m, s).
+    assert abs(float(logit_t.mean()) - 0.3) < 5 * 0.8 / 200_000 ** 0.5
+    assert abs(float(logit_t.std()) - 0.8) < 5 * 0.8 / (2 * 200_000) ** 0.5
+
+    class Velocity(torch.nn.Module):                 # a fixed, arbitrary network output
+        def forward(self, x_in, c_noise, cond):
+            return 0.5 * x_in + 0.001 * c_noise.reshape(-1, 1)
+
+    x0 = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    n = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    s = torch.exp(torch.randn(64, generator=g, dtype=torch.float64))
+    tt = (s / (1 + s)).reshape(-1, 1)
+    x_t = (1 - tt) * x0 + tt * n
+    pre = Preconditioned(Velocity(), param).double()
+    d = pre(x0 + s.reshape(-1, 1) * n, s, None).double()          # the denoiser combines in float32
+    v_hat = 0.5 * x_t + 0.001 * 1000 * tt
+    torch.testing.assert_close(d, x_t - tt * v_hat, rtol=1e-5, atol=1e-5)          # D = x_t - t v
+    _, c_out, _, _ = param.scalings(s)
+    w = (param.loss_weight(s) / c_out ** 2).reshape(-1, 1)
+    torch.testing.assert_close(w * (d - x0) ** 2, (v_hat - (n - x0)) ** 2, rtol=1e-4, atol=1e-4)

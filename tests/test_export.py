@@ -15,7 +15,7 @@ ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip 
 from calofast.checkpoint import load_bundle  # noqa: E402
 from calofast.cli import main  # noqa: E402
 from calofast.export import Par04Model, UnrolledSampler, export_onnx, export_torchscript  # noqa: E402
-from calofast.generate import sample_batch  # noqa: E402
+from calofast.generate import sample_batch, sampling_plan  # noqa: E402
 from calofast.geometry import PRESETS  # noqa: E402
 from calofast.rng import EventRNG  # noqa: E402
 
@@ -46,9 +46,9 @@ def test_reproducible_flavour_matches_pytorch(student, exported):
         e = torch.exp(torch.empty(b, dtype=torch.float64).uniform_(np.log(1e3), np.log(1e6),
                                                                      generator=torch.Generator().manual_seed(b)))
         noise = EventRNG(7, range(b)).randn(student.event_shape)
-        ref, nfe = sample_batch(student, e, 7, range(b))
+        ref, nfe, _ = sample_batch(student, e, 7, range(b))
         out = sess.run(None, {"conditions": e.float()[:, None].numpy(), "noise": noise.reshape(b, -1).numpy()})[0]
-        assert out.shape == (b, 6480) and nfe == 2
+        assert out.shape == (b, 6480) and nfe == {"shower": 2}
         assert _rel(out, ref.numpy()) < 1e-4
 
 
@@ -65,7 +65,7 @@ def test_metadata_opset_and_sidecar(exported):
 class _OneHot(torch.nn.Module):
     """Stand-in core: puts the incident energy into one CaloChallenge voxel."""
 
-    noise_draws, n_voxels = 1, 6480
+    noise_size, n_voxels = 6480, 6480
 
     def __init__(self, voxel):
         super().__init__()
@@ -114,7 +114,7 @@ def test_torchscript_secondary_path(student, tmp_path):
     ts = torch.jit.load(str(path))
     e = torch.tensor([[5e3], [2e5]])
     noise = EventRNG(1, range(2)).randn(student.event_shape).reshape(2, -1)
-    core = UnrolledSampler(student, "euler", torch.tensor(student.sampler["sigmas"], dtype=torch.float64))
+    core = UnrolledSampler(student, sampling_plan(student))
     with torch.no_grad():
         torch.testing.assert_close(ts(e, noise), core(e, noise))
 

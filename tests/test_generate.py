@@ -82,8 +82,8 @@ def test_grids(bundle_path):
 def test_event_k_identical_within_library(bundle_path):
     b = load_bundle(bundle_path)
     e = torch.tensor([1e3, 3e3, 1e4, 3e4, 9e4], dtype=torch.float64)
-    full, _ = sample_batch(b, e, 1, range(5), sampler="ddpm", steps=20)
-    part, _ = sample_batch(b, e[2:4], 1, range(2, 4), sampler="ddpm", steps=20)
+    full, _, _ = sample_batch(b, e, 1, range(5), sampler="ddpm", steps=20)
+    part, _, _ = sample_batch(b, e[2:4], 1, range(2, 4), sampler="ddpm", steps=20)
     torch.testing.assert_close(part, full[2:4], rtol=1e-5, atol=1e-5)
 
 
@@ -107,7 +107,7 @@ def test_compiled_network_gives_the_same_showers(bundle_path):
     assert is_compiled(compiled) and not is_compiled(eager)
     assert list(compiled.denoiser.state_dict()) == list(eager.denoiser.state_dict())
     e = torch.tensor([1e3, 1e4, 1e5, 8e5], dtype=torch.float64)
-    a, _ = sample_batch(eager, e, 3, range(4), sampler="ddim", steps=4)
-    b, nfe = sample_batch(compiled, e, 3, range(4), sampler="ddim", steps=4)
-    assert nfe == 4
+    a, _, _ = sample_batch(eager, e, 3, range(4), sampler="ddim", steps=4)
+    b, nfe, _ = sample_batch(compiled, e, 3, range(4), sampler="ddim", steps=4)
+    assert nfe == {"shower": 4}
     torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3 * float(a.abs().max()))

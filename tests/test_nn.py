@@ -54,3 +54,41 @@ def test_attention_goes_through_sdpa(monkeypatch):
 def test_large_presets_are_large():
     assert count_parameters(build_network(get_preset("ds2-unet").network, DS2)) > 1_000_000
     assert count_parameters(build_network(get_preset("ds2-transformer").network, DS2)) > 5_000_000
+
+
+def _randomised(net):
+    for p in net.parameters():                     # zero-initialised layers would hide every dependence
+        torch.nn.init.normal_(p, std=0.1)
+    return net.eval()
+
+
+def test_layer_conditioning_reaches_the_tokens_of_its_layers():
+    """With layer_cond, changing one layer's value moves the output of that layer's tokens first: through the
+    per-token embedding, even with the global embedding and attention mixing switched off."""
+    cfg = get_preset("ds2-factorised").network
+    torch.manual_seed(0)
+    net = _randomised(build_network(cfg, DS2, cond_dim=46))
+    with torch.no_grad():
+        net.emb.cond_mlp[0].weight[:, 1:] = 0      # the global embedding ignores the layer values
+        for block in net.blocks:                   # no attention mixing between tokens
+            block.proj.weight.zero_()
+            block.proj.bias.zero_()
+    x, c_noise = torch.randn(1, 1, 45, 16, 9), torch.tensor([300.0])
+    cond = torch.randn(1, 46)
+    bumped = cond.clone()
+    bumped[0, 1 + 7] += 1.0                        # layer 7: tokens of layers 6-8 (patch depth 3)
+    with torch.no_grad():
+        d = (net(x, c_noise, bumped) - net(x, c_noise, cond)).abs().sum((0, 1, 3, 4))
+    assert (d[6:9] > 0).all() and d[:6].max() == 0 and d[9:].max() == 0
+
+
+def test_factorised_presets():
+    cfg = get_preset("ds2-factorised")
+    shape_net = build_network(cfg.network, DS2, cond_dim=46)
+    assert 5_000_000 < count_parameters(shape_net) < 9_000_000           # ~16 MB as fp16 with the energy MLP
+    energy = build_network(cfg.energy.network, DS2, cond_dim=1, event_shape=(45,))
+    assert count_parameters(energy) < 2_000_000
+    y = _randomised(energy)(torch.randn(3, 45), torch.tensor([1.0, 500.0, 999.0]), torch.zeros(3, 1))
+    assert y.shape == (3, 45) and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="grid event shape"):
+        build_network(cfg.network, DS2, event_shape=(45,))

@@ -49,12 +49,12 @@ def test_tiny_training_loss_falls(tmp_path):
     bundle = load_bundle(train_model(cfg, data, tmp_path / "run"))
     torch.manual_seed(cfg.train.seed)                  # train_model's initialisation
     init = Preconditioned(build_network(cfg.network, bundle.geometry), bundle.denoiser.param).eval()
-    x0, cond = load_training_data(tiny_data(tmp_path, n=2048, seed=1), bundle.transform)
+    x0, cond = load_training_data(tiny_data(tmp_path, n=2048, seed=1), bundle.transform)[-1]
     diff = _per_event_loss(init, x0, cond, 5) - _per_event_loss(bundle.denoiser, x0, cond, 5)
     assert float(diff.mean()) > 5 * float(diff.std()) / len(diff) ** 0.5, (float(diff.mean()), float(diff.std()))
     stats = [json.loads(l) for l in (tmp_path / "run/stats.jsonl").read_text().splitlines()]
     assert json.loads((tmp_path / "run/config.json").read_text())["train"]["showers"] == 6000
-    assert bundle.meta["train_events_seen"] == str(stats[-1]["showers"]) and bundle.meta["format"] == "calofast/1"
+    assert bundle.meta["train_events_seen"] == str(stats[-1]["showers"]) and bundle.meta["format"] == "calofast/2"
     assert json.loads(bundle.meta["data"])[0]["sha256"] and bundle.meta["git_commit"]
 
 
@@ -64,9 +64,9 @@ def test_bundle_roundtrip_gives_identical_samples(tmp_path):
     a, b = load_bundle(bundle_path), load_bundle(bundle_path)
     e = torch.tensor([2e3, 5e4, 9e4])
     for sampler in ("ddim", "ddpm", "heun"):
-        x, nfe = sample_batch(a, e, 3, range(3), sampler=sampler, steps=6)
-        y, _ = sample_batch(b, e, 3, range(3), sampler=sampler, steps=6)
-        assert torch.equal(x, y) and nfe == (11 if sampler == "heun" else 6)
+        x, nfe, _ = sample_batch(a, e, 3, range(3), sampler=sampler, steps=6)
+        y, _, _ = sample_batch(b, e, 3, range(3), sampler=sampler, steps=6)
+        assert torch.equal(x, y) and nfe == {"shower": 11 if sampler == "heun" else 6}
         assert torch.isfinite(x).all() and (x >= 0).all()
 
 
@@ -90,7 +90,14 @@ def test_corrupt_and_tampered_bundles(tmp_path):
     # Metadata holds everything, and no pickle: safetensors only.
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert {"config", "parameterisation", "transform", "geometry", "calofast_version", "tensors_sha256"} <= set(meta)
+    assert {"config", "stages", "transform", "geometry", "calofast_version", "tensors_sha256", "meta_sha256"} <= set(meta)
+    # The metadata are covered by their own checksum: an edited config is refused.
+    from safetensors.torch import load_file, save_file
+    edited = dict(meta, config=meta["config"].replace('"depth": 6', '"depth": 7'))
+    assert edited != meta
+    save_file(load_file(str(path)), str(tmp_path / "meta.safetensors"), metadata=edited)
+    with pytest.raises(ValueError, match="metadata checksum"):
+        load_bundle(tmp_path / "meta.safetensors")
 
 
 def test_cli_train_rejects_unknown_keys_and_saves_config(tmp_path, capsys):

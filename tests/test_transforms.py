@@ -1,41 +1,88 @@
-
+"""Transforms: round trips, the bound on decoded showers, the factorised energy/shape codes."""
 import numpy as np
 import pytest
 import torch
 
+from calofast.factorised import FactorisedTransform, energy_fractions, layer_energies
 from calofast.geometry import PRESETS
-from calofast.transforms import Transform, fit_transform
+from calofast.transforms import MAX_RESPONSE, Transform, fit_transform, transform_from_spec
 
 DS2 = PRESETS["ds2"]
+KINDS = [("log1p", "global"), ("logit", "global"), ("logit", "voxel"), ("layer", "voxel"), ("layer", "global")]
 
 
 def _showers(n=64, seed=0):
     rng = np.random.default_rng(seed)
     e = np.exp(rng.uniform(np.log(1e3), np.log(1e6), n))
-    s = rng.exponential(1.0, (n, DS2.n_voxels)) * (e[:, None] / 500) * (rng.random((n, DS2.n_voxels)) < 0.3)
+    s = rng.exponential(1.0, (n, DS2.n_voxels)) * (e[:, None] / 5000) * (rng.random((n, DS2.n_voxels)) < 0.3)
     s[s < DS2.threshold_mev] = 0
+    s[:4, :144 * 3] = 0                      # some empty layers (first three of four showers)
     return e, s
 
 
-@pytest.mark.parametrize("kind", ["log1p", "logit"])
-def test_inverse_of_forward_is_identity(kind):
+@pytest.mark.parametrize("kind,std", KINDS)
+def test_decode_of_encode_is_identity(kind, std):
     e, s = _showers()
-    t = fit_transform(DS2, [(e, s)], kind)
-    x = t(torch.as_tensor(s), torch.as_tensor(e))
-    assert x.shape == (64, 1, 45, 16, 9) and x.dtype == torch.float32
-    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3      # standardised on this data
-    back = t.inverse(x, torch.as_tensor(e)).double().numpy()
-    np.testing.assert_allclose(back, s, rtol=2e-5, atol=1e-3 if kind == "logit" else 1e-6)
+    t = fit_transform(DS2, [(e, s)], kind, standardise=std)
+    xs = t.encode(torch.as_tensor(s), torch.as_tensor(e))
+    assert [tuple(x.shape[1:]) for x in xs] == list(t.stage_shapes) and all(x.dtype == torch.float32 for x in xs)
+    for x in xs:
+        if std == "global" or x.ndim == 2:       # standardised on this data (per position: mean 0 each)
+            assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 2e-2
+    back, clipped = t.decode(xs, torch.as_tensor(e))
+    assert not clipped.any()
+    np.testing.assert_allclose(back.double().numpy(), s, rtol=2e-5, atol=1e-6 if kind == "log1p" else 2e-3)
+    if kind == "layer":                      # layer energies survive exactly (float32 codes)
+        np.testing.assert_allclose(back.double().numpy().reshape(64, 45, -1).sum(-1), s.reshape(64, 45, -1).sum(-1),
+                                   rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["log1p", "logit"])
-def test_inverse_is_nonnegative_and_thresholded(kind):
+@pytest.mark.parametrize("kind,std", KINDS)
+def test_hostile_codes_decode_to_bounded_showers(kind, std):
+    """Whatever a network outputs (huge, NaN, inf, noise), showers are finite, >= 0, thresholded and hold at
+    most MAX_RESPONSE x E_inc; showers with non-finite codes (or, one-stage, too much energy) are flagged."""
     e, s = _showers()
-    t = fit_transform(DS2, [(e, s)], kind)
-    x = torch.randn(8, 1, 45, 16, 9) * 3
-    out = t.inverse(x, torch.as_tensor(e[:8]))
-    assert torch.all(out >= 0) and torch.all((out == 0) | (out >= DS2.threshold_mev))
-    assert torch.isfinite(t.inverse(torch.full((1, 1, 45, 16, 9), 1e4), torch.tensor([1e3]))).all()
+    t = fit_transform(DS2, [(e, s)], kind, standardise=std)
+    energies = torch.as_tensor(e[:6])
+    g = torch.Generator().manual_seed(0)
+    hostile = [x + 3 * torch.randn(x.shape, generator=g) for x in t.encode(torch.as_tensor(s[:6]), energies)]
+    hostile[-1][0] = t.encode(torch.as_tensor(s[:1]), energies[:1])[-1][0]      # shower 0: a real one
+    if kind == "layer":
+        hostile[0][0] = t.encode(torch.as_tensor(s[:1]), energies[:1])[0][0]
+    for x in hostile:
+        x[1] = 1e30
+        x[2] = -1e30
+        x[3].view(-1)[::7] = float("nan")
+        x[4].view(-1)[::5] = float("inf")
+    out, clipped = t.decode(hostile, energies)
+    assert torch.isfinite(out).all() and (out >= 0).all() and ((out == 0) | (out >= DS2.threshold_mev)).all()
+    assert (out.double().sum(1) <= MAX_RESPONSE * energies * (1 + 1e-6)).all()
+    assert clipped[3] and clipped[4] and not clipped[0]
+    if kind == "log1p":                      # exp of a huge code: far above the bound, scaled down and flagged
+        assert clipped[1]
+
+
+def test_energy_fractions_roundtrip_and_sum():
+    g = torch.Generator().manual_seed(1)
+    layer_e = torch.rand(16, 45, generator=g, dtype=torch.float64) * (torch.rand(16, 45, generator=g) > 0.3)
+    energies = layer_e.sum(1) / 0.9
+    u = energy_fractions(layer_e, energies)
+    assert u.shape == (16, 45) and (u >= 0).all() and (u <= 1).all()
+    torch.testing.assert_close(layer_energies(u, energies), layer_e, rtol=1e-10, atol=1e-12)
+    any_u = torch.rand(16, 45, generator=g, dtype=torch.float64)           # any fractions: sum = u_tot x bound
+    torch.testing.assert_close(layer_energies(any_u, energies).sum(1), any_u[:, 0] * MAX_RESPONSE * energies)
+
+
+def test_shape_condition_carries_layer_energies():
+    e, s = _showers()
+    t = fit_transform(DS2, [(e, s)], "layer", standardise="voxel")
+    xs = t.encode(torch.as_tensor(s), torch.as_tensor(e))
+    c = t.stage_condition(1, torch.as_tensor(e), xs[:1])
+    assert c.shape == (64, 46)
+    torch.testing.assert_close(c[:, :1], t.condition(torch.as_tensor(e)))
+    empty = torch.as_tensor(s.reshape(64, 45, -1).sum(-1) == 0)
+    # Empty layers sit at the floor value: the smallest condition of their layer.
+    assert (c[:, 1:][empty] <= c[:, 1:].min(0).values.expand(64, 45)[empty] + 1e-4).all()
 
 
 def test_condition_roundtrip_and_range():
@@ -46,11 +93,23 @@ def test_condition_roundtrip_and_range():
     torch.testing.assert_close(t.energies(c), torch.as_tensor(e), rtol=1e-6, atol=0)
 
 
-def test_constants_roundtrip():
+@pytest.mark.parametrize("kind,std", KINDS)
+def test_constants_roundtrip(kind, std):
     e, s = _showers()
-    t = fit_transform(DS2, [(e, s)], "logit", alpha=1e-7)
-    t2 = Transform.from_constants(DS2, t.spec(), t.constants())
-    x = t(torch.as_tensor(s), torch.as_tensor(e))
-    torch.testing.assert_close(t2(torch.as_tensor(s), torch.as_tensor(e)), x)
+    t = fit_transform(DS2, [(e, s)], kind, alpha=1e-7, standardise=std)
+    t2 = transform_from_spec(DS2, t.spec(), t.constants())
+    assert type(t2) is type(t)
+    for a, b in zip(t.encode(torch.as_tensor(s), torch.as_tensor(e)), t2.encode(torch.as_tensor(s), torch.as_tensor(e))):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_constants_are_refused():
     with pytest.raises(ValueError):
         Transform(DS2, "sqrt")
+    with pytest.raises(ValueError):
+        Transform(DS2, "log1p", std=torch.zeros(DS2.n_voxels))
+    ones = torch.ones(45, dtype=torch.float64)
+    with pytest.raises(ValueError):
+        FactorisedTransform(DS2, 1e-6, ones, ones, ones, ones, torch.ones(7), 1.0, 1e3, 1e6)
+    with pytest.raises(ValueError):
+        FactorisedTransform(DS2, 1e-6, ones, -ones, ones, ones, 0.0, 1.0, 1e3, 1e6)

@@ -3,7 +3,8 @@
 For each batch size: one warm-up call, then `repeats` timed calls; ms per shower = wall time of a
 batch / batch size, including the condition preprocessing, every sampler step and the inverse
 transform to MeV voxels, excluding file I/O; CUDA is synchronised before each clock read. Reports
-mean, std and median, with the hardware, threads, dtype and the counted NFE.
+mean, std and median, with the hardware, threads, dtype and the counted NFE (main stage; every stage's
+in `nfe_stages`).
 """
 from __future__ import annotations
 
@@ -39,21 +40,23 @@ def bench(bundle: Bundle, sampler: str | None, steps: int | None, batch_sizes=(1
     for b in batch_sizes:
         energies = torch.from_numpy(np.exp(np.random.default_rng(seed).uniform(np.log(lo), np.log(hi), b)))
 
-        def once() -> tuple[float, int]:
+        def once() -> tuple[float, dict]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            _, nfe = sample_batch(bundle, energies, seed, range(b), sampler=name, steps=n_steps, sigmas=sigmas, bf16=bf16)
+            _, nfe, _ = sample_batch(bundle, energies, seed, range(b), sampler=name, steps=n_steps, sigmas=sigmas,
+                                     bf16=bf16)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             return time.perf_counter() - t0, nfe
 
         once()                                              # warm-up (allocations, cuDNN autotuning)
-        times, nfe = [], 0
+        times, nfe = [], {}
         for _ in range(repeats):
             dt, nfe = once()
             times.append(dt / b * 1e3)
-        rows.append({"label": label or f"{name} x{n_steps}", "sampler": name, "steps": n_steps, "nfe": nfe,
+        rows.append({"label": label or f"{name} x{n_steps}", "sampler": name, "steps": n_steps,
+                     "nfe": list(nfe.values())[-1], "nfe_stages": json.dumps(nfe),
                      "batch": b, "ms_per_shower": statistics.mean(times),
                      "std": statistics.stdev(times) if len(times) > 1 else 0.0,
                      "median": statistics.median(times), "showers_per_s": 1e3 / statistics.median(times),

@@ -1,11 +1,14 @@
 """Self-describing model bundles (one .safetensors file) and resumable training state.
 
-A bundle holds the EMA network weights (`net.*`) and the fitted transform constants (`transform.*`);
-its metadata holds everything needed to rebuild the denoiser with nothing but the file: format
-version, full config (JSON), parameterisation, transform spec, geometry, code version and git
-commit, training seed, showers seen, sha256 of the training data, the parent bundle for distilled
-students and the sampler a student was made for. A sha256 over all tensor bytes detects tampering.
-No pickle is involved in bundles; the resume state (`state.pt`) is separate and never shipped.
+A bundle holds the EMA network weights of every stage (`<stage>.net.*`: one stage "shower" for a plain
+model, "energy" and "shape" for a factorised one) and the fitted transform constants (`transform.*`);
+its metadata holds everything needed to rebuild the model with nothing but the file: format version,
+full config (JSON), each stage's parameterisation and default sampler (a distilled student's own),
+transform spec, geometry, code version and git commit, training seed, showers seen,
+sha256 of the training data and the parent bundle for distilled students. Weights may be stored in
+bf16 or fp16 (`weights_dtype`) and are loaded as float32. Two sha256 sums, one over all tensor bytes and one
+over the metadata, detect tampering. No pickle is involved in bundles; the resume state (`state.pt`)
+is separate and never shipped. Format 1 bundles (one stage, `net.*`) still load.
 """
 from __future__ import annotations
 
@@ -14,22 +17,24 @@ import hashlib
 import json
 import os
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import __version__
 from .config import Config, from_dict, to_dict
 from .diffusion import Preconditioned, parameterisation_from_dict, parameterisation_to_dict
 from .geometry import Geometry, Layer, PRESETS, SamplingMaterial
 from .nn import build_network
-from .transforms import Transform
+from .transforms import ShowerTransform, transform_from_spec
 
-__all__ = ["Bundle", "save_bundle", "load_bundle", "shipped_models", "SHIPPED", "save_state", "load_state",
-           "file_sha256", "git_commit", "atomic_write_bytes"]
+__all__ = ["Stage", "Bundle", "save_bundle", "load_bundle", "shipped_models", "SHIPPED", "save_state",
+           "load_state", "file_sha256", "git_commit", "atomic_write_bytes", "stage_network"]
 
-FORMAT = "calofast/1"
+FORMAT = "calofast/2"
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def file_sha256(path: "str | Path") -> str:
@@ -82,16 +87,42 @@ def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _meta_sha256(meta: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "meta_sha256"},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Stage:
+    """One generative stage: its name, denoiser D(x, sigma, cond) and default sampler spec ({"name",
+    "steps"} and, for distilled students, their own "sigmas"/"grid"), or None. The event shape and the
+    condition come from the bundle's transform."""
+
+    name: str
+    denoiser: Preconditioned
+    sampler: dict | None = None
+
+    def with_denoiser(self, denoiser: Preconditioned, sampler: dict | None) -> "Stage":
+        return Stage(self.name, denoiser, sampler)
+
+
 @dataclass
 class Bundle:
-    """A loaded model: the denoiser D(x, sigma, cond), its transform, config and metadata."""
+    """A loaded model: its stages (the last is the main, expensive one), transform, config and metadata."""
 
-    denoiser: Preconditioned
-    transform: Transform
+    stages: list[Stage]
+    transform: ShowerTransform
     config: Config
     meta: dict[str, str]
     path: Path | None = None
-    sampler: dict | None = field(default=None)     # for distilled students: {"name", "steps", ...}
+
+    @property
+    def denoiser(self) -> Preconditioned:
+        return self.stages[-1].denoiser
+
+    @property
+    def sampler(self) -> dict | None:
+        return self.stages[-1].sampler
 
     @property
     def geometry(self) -> Geometry:
@@ -102,26 +133,39 @@ class Bundle:
         return self.transform.event_shape
 
     def to(self, device) -> "Bundle":
-        self.denoiser.to(device)
+        for stage in self.stages:
+            stage.denoiser.to(device)
         self.transform.to(device)
         return self
 
 
-def save_bundle(path: "str | Path", denoiser: Preconditioned, transform: Transform, config: Config, *,
+def stage_network(config: Config, transform: ShowerTransform, k: int) -> nn.Module:
+    """The raw network of stage k: the energy stage from `config.energy`, the main stage from `config`."""
+    net_cfg = config.energy.network if transform.stages[k] == "energy" else config.network
+    return build_network(net_cfg, transform.geometry, transform.cond_dims[k], transform.stage_shapes[k])
+
+
+def save_bundle(path: "str | Path", stages: list[Stage], transform: ShowerTransform, config: Config, *,
                 train_seed: int = 0, events_seen: int = 0, data: list[dict] | None = None,
-                parent: str | None = None, sampler: dict | None = None, extra: dict | None = None) -> Path:
-    """Write the bundle atomically (temporary file, then rename)."""
+                parent: str | None = None, extra: dict | None = None, weights_dtype: str = "fp32") -> Path:
+    """Write the bundle atomically (temporary file, then rename); weights stored as `weights_dtype`."""
     from safetensors.torch import save
 
     path = Path(path)
-    tensors = {f"net.{k}": v.detach().float().cpu().contiguous() for k, v in denoiser.net.state_dict().items()}
-    tensors.update({f"transform.{k}": torch.tensor(v, dtype=torch.float64) for k, v in transform.constants().items()})
+    if [s.name for s in stages] != list(transform.stages):
+        raise ValueError(f"stages {[s.name for s in stages]} do not match the transform's {list(transform.stages)}")
+    dtype = WEIGHT_DTYPES[weights_dtype]
+    tensors = {f"{s.name}.net.{k}": v.detach().to(dtype).cpu().contiguous()
+               for s in stages for k, v in s.denoiser.net.state_dict().items()}
+    tensors.update({f"transform.{k}": v.to(torch.float64).contiguous() for k, v in transform.constants().items()})
     meta = {
         "format": FORMAT,
         "config": json.dumps(to_dict(config), sort_keys=True),
-        "parameterisation": json.dumps(parameterisation_to_dict(denoiser.param)),
+        "stages": json.dumps([{"name": s.name, "parameterisation": parameterisation_to_dict(s.denoiser.param),
+                               "sampler": s.sampler} for s in stages]),
         "transform": json.dumps(transform.spec()),
         "geometry": _geometry_to_json(transform.geometry),
+        "weights_dtype": weights_dtype,
         "calofast_version": __version__,
         "git_commit": git_commit(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -129,10 +173,10 @@ def save_bundle(path: "str | Path", denoiser: Preconditioned, transform: Transfo
         "train_events_seen": str(events_seen),
         "data": json.dumps(data or []),
         "parent": parent or "",
-        "sampler": json.dumps(sampler) if sampler else "",
         "tensors_sha256": _tensors_sha256(tensors),
     }
     meta.update({k: str(v) for k, v in (extra or {}).items()})
+    meta["meta_sha256"] = _meta_sha256(meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, save(tensors, metadata=meta))
     return path
@@ -146,10 +190,18 @@ def shipped_models() -> list[str]:
     return sorted(p.stem for p in SHIPPED.glob("*.safetensors"))
 
 
-def load_bundle(path: "str | Path", device: "str | torch.device" = "cpu") -> Bundle:
-    """Rebuild denoiser and transform from the file alone; strict loading, integrity checked.
+def _stage_specs(meta: dict[str, str]) -> list[dict]:
+    """Per-stage {name, parameterisation, sampler, prefix}; format 1 bundles hold one stage under `net.`."""
+    if meta.get("format") == "calofast/1":
+        return [{"name": "shower", "parameterisation": json.loads(meta["parameterisation"]),
+                 "sampler": json.loads(meta["sampler"]) if meta.get("sampler") else None, "prefix": "net."}]
+    return [{**s, "prefix": f"{s['name']}.net."} for s in json.loads(meta["stages"])]
 
-    `path` is a file, or the name of a shipped bundle (e.g. `ds2-teacher-ddpm400`)."""
+
+def load_bundle(path: "str | Path", device: "str | torch.device" = "cpu") -> Bundle:
+    """Rebuild stages and transform from the file alone; strict loading, integrity checked.
+
+    `path` is a file, or the name of a shipped bundle (e.g. `ds2-factorised`)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -164,23 +216,30 @@ def load_bundle(path: "str | Path", device: "str | torch.device" = "cpu") -> Bun
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
         raise ValueError(f"{path}: not a readable safetensors bundle (truncated or corrupt: {err})") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in ("calofast/1", FORMAT):
         raise ValueError(f"{path}: not a calofast bundle (format {meta.get('format')!r}, expected {FORMAT!r})")
     if _tensors_sha256(tensors) != meta.get("tensors_sha256"):
         raise ValueError(f"{path}: tensor checksum mismatch: the weights were modified or damaged")
+    if "meta_sha256" in meta and _meta_sha256(meta) != meta["meta_sha256"]:
+        raise ValueError(f"{path}: metadata checksum mismatch: the metadata were modified or damaged")
     try:
         config = from_dict(json.loads(meta["config"]))
         geometry = _geometry_from_json(meta["geometry"])
-        param = parameterisation_from_dict(json.loads(meta["parameterisation"]))
-        consts = {k[len("transform."):]: float(v) for k, v in tensors.items() if k.startswith("transform.")}
-        transform = Transform.from_constants(geometry, json.loads(meta["transform"]), consts)
-        net = build_network(config.network, geometry)
-        net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}, strict=True)
-    except (KeyError, ValueError, RuntimeError, json.JSONDecodeError) as err:
+        consts = {k[len("transform."):]: v for k, v in tensors.items() if k.startswith("transform.")}
+        transform = transform_from_spec(geometry, json.loads(meta["transform"]), consts)
+        specs = _stage_specs(meta)
+        if [s["name"] for s in specs] != list(transform.stages):
+            raise ValueError(f"stages {[s['name'] for s in specs]} do not fit a {transform.spec()['kind']} transform")
+        stages = []
+        for k, spec in enumerate(specs):
+            net = stage_network(config, transform, k)
+            net.load_state_dict({key[len(spec["prefix"]):]: v.float() for key, v in tensors.items()
+                                 if key.startswith(spec["prefix"])}, strict=True)
+            param = parameterisation_from_dict(spec["parameterisation"])
+            stages.append(Stage(spec["name"], Preconditioned(net, param).eval().requires_grad_(False), spec["sampler"]))
+    except (KeyError, ValueError, RuntimeError, TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: inconsistent bundle metadata or weights ({err})") from None
-    denoiser = Preconditioned(net, param).eval().requires_grad_(False)
-    sampler = json.loads(meta["sampler"]) if meta.get("sampler") else None
-    return Bundle(denoiser, transform, config, meta, path, sampler).to(device)
+    return Bundle(stages, transform, config, meta, path).to(device)
 
 
 def save_state(path: "str | Path", state: dict) -> None:

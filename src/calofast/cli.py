@@ -101,7 +101,7 @@ def _energies(a: argparse.Namespace, bundle):
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .checkpoint import load_bundle
-    from .generate import compile_network, generate_file
+    from .generate import compile_network, generate_file, nfe_text
     bundle = load_bundle(a.model, device=a.device)
     if a.compile:
         compile_network(bundle)
@@ -109,7 +109,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     stats = generate_file(bundle, a.output, _energies(a, bundle), seed=a.seed, sampler=a.sampler, steps=a.steps,
                           batch_size=a.batch_size, bf16=a.dtype == "bf16", force=a.force, knobs=knobs)
     print(f"wrote {stats.n} showers to {stats.path}: sampler {stats.sampler}, {stats.steps} steps, "
-          f"NFE {stats.nfe}, {stats.showers_per_s:.1f} showers/s on {a.device} ({a.dtype})")
+          f"{nfe_text(stats.nfe)}, {stats.showers_per_s:.1f} showers/s on {a.device} ({a.dtype}); "
+          f"{stats.clipped} clipped showers")
     return 0
 
 
@@ -172,7 +173,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .checkpoint import load_bundle
     from .data import read_showers
     from .evaluate import evaluate_files
-    from .generate import generate_file
+    from .generate import generate_file, nfe_text
     from .geometry import get_geometry
     from .gflash import write_gflash
     out = Path(a.output)
@@ -187,8 +188,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     generated = out / f"generated_{Path(a.model).stem}.h5"
     stats = generate_file(bundle, generated, energies.astype(np.float64), seed=a.seed + 1, sampler=a.sampler,
                           steps=a.steps, batch_size=500, force=True, bf16=a.device.startswith("cuda"))
-    print(f"generated {stats.n} showers with {Path(a.model).stem}: {stats.sampler} x{stats.steps}, NFE {stats.nfe}, "
-          f"{stats.showers_per_s:.1f} showers/s on {a.device}")
+    print(f"generated {stats.n} showers with {Path(a.model).stem}: {stats.sampler} x{stats.steps}, "
+          f"{nfe_text(stats.nfe)}, {stats.showers_per_s:.1f} showers/s on {a.device}")
     m = evaluate_files(generated, truth, bundle.geometry, out / "report", fast=a.fast, min_events=min(a.n, 1000),
                        label=f"{Path(a.model).stem} {stats.sampler} x{stats.steps}")
     for key in ("classifier_low", "classifier_high"):

@@ -1,6 +1,8 @@
 """Typed configuration: frozen dataclasses are the only defaults; presets are named Python values.
 
-`Config` nests `NetworkConfig`, `TransformConfig`, `DiffusionConfig`, `TrainConfig` and `DistillConfig`.
+`Config` nests `NetworkConfig`, `TransformConfig`, `DiffusionConfig`, `TrainConfig` and `DistillConfig` for
+the main stage (the showers, or the shape of a factorised model) and, for factorised models
+(`transform.kind = "layer"`), a `StageConfig` for the energy stage.
 `apply_overrides(cfg, ["train.lr=2e-4", ...])` parses each value to the field's annotated type and
 raises on unknown keys; `to_dict` / `from_dict` round-trip through JSON.
 """
@@ -12,13 +14,13 @@ import typing
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-__all__ = ["NetworkConfig", "TransformConfig", "DiffusionConfig", "TrainConfig", "DistillConfig", "Config",
+__all__ = ["NetworkConfig", "TransformConfig", "DiffusionConfig", "TrainConfig", "DistillConfig", "StageConfig", "Config",
            "PRESETS", "get_preset", "apply_overrides", "to_dict", "from_dict"]
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    arch: Literal["unet", "transformer"] = "unet"
+    arch: Literal["unet", "transformer", "mlp"] = "unet"
     channels: tuple[int, ...] = (32, 64, 128)      # U-Net: channels per level
     blocks: int = 1                                 # U-Net: residual blocks per level
     attention_levels: tuple[int, ...] = (2,)        # U-Net: levels with self-attention
@@ -26,24 +28,26 @@ class NetworkConfig:
     emb_dim: int = 128
     dropout: float = 0.0
     patch: tuple[int, int, int] = (3, 4, 3)         # transformer: cells per token (L, A, R)
-    width: int = 192                                # transformer: token width
-    depth: int = 6                                  # transformer: blocks
+    width: int = 192                                # transformer: token width; mlp: residual width
+    depth: int = 6                                  # transformer, mlp: blocks
+    layer_cond: bool = False                        # transformer: per-token embedding of its layers' energies
 
 
 @dataclass(frozen=True)
 class TransformConfig:
-    kind: Literal["log1p", "logit"] = "log1p"
+    kind: Literal["log1p", "logit", "layer"] = "log1p"   # layer: factorised energy/shape model (two stages)
     scale_mev: float = 0.0                          # log1p scale; 0 = the geometry's voxel threshold
     alpha: float = 1e-6                             # logit regulariser
+    standardise: Literal["global", "voxel"] = "global"   # one mean/std for all voxels, or one per voxel
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    param: Literal["eps", "v", "x0", "edm"] = "v"
+    param: Literal["eps", "v", "x0", "edm", "flow"] = "v"
     schedule: Literal["cosine", "linear"] = "cosine"   # discrete VP table (eps, v, x0)
     timesteps: int = 400                                # T of the discrete table
     sigma_data: float = 0.0                             # EDM: 0 = measure from the preprocessed data
-    p_mean: float = -1.2
+    p_mean: float = -1.2                                # edm, flow: ln sigma ~ N(p_mean, p_std^2) in training
     p_std: float = 1.2
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -67,6 +71,8 @@ class TrainConfig:
     log_showers: int = 10_000
     max_events: int = 0                  # use at most this many training showers (0 = all)
     max_seconds: float = 0.0             # stop cleanly (resumable) after this wall time (0 = no limit)
+    budget_seconds: float = 0.0          # training length in seconds of training time, if reached before showers
+    bundle_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"   # weights in the written bundle (fp16: half the size)
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,22 @@ class DistillConfig:
     cm_sampler_steps: tuple[int, ...] = (1, 2)
 
 
+_FLOW = DiffusionConfig(param="flow", p_mean=0.0, p_std=1.0, sigma_max=160.0)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """The energy stage of a factorised model: layer energies [B, L] given E_inc (cheap: an MLP)."""
+
+    network: NetworkConfig = field(default_factory=lambda: NetworkConfig(arch="mlp", width=256, depth=4, emb_dim=128))
+    diffusion: DiffusionConfig = field(default_factory=lambda: _FLOW)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        showers=20_000_000, batch_size=4096, lr=1e-3, warmup_showers=400_000, ema_halflife_showers=1_000_000,
+        checkpoint_showers=5_000_000, log_showers=500_000))
+    sampler: str = "heun"                # the stage's default sampler and steps (63 NFE: cheap next to the shape)
+    steps: int = 32
+
+
 @dataclass(frozen=True)
 class Config:
     geometry: str = "ds2"
@@ -93,22 +115,42 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    energy: StageConfig = field(default_factory=StageConfig)
 
+    @property
+    def factorised(self) -> bool:
+        return self.transform.kind == "layer"
+
+
+_TINY_TRAIN = TrainConfig(showers=2_000, batch_size=32, lr=2e-3, warmup_showers=200, ema_halflife_showers=1_000,
+                          checkpoint_showers=1_000, log_showers=500)
+_TINY_ENERGY = StageConfig(NetworkConfig(arch="mlp", width=32, depth=2, emb_dim=32), _FLOW,
+                           replace(_TINY_TRAIN, batch_size=64), "heun", 4)
+# The factorised DS2 recipe (issue 12): MLP energy stage, DiT shape stage over (3, 16, 1) patches (15 x 9 = 135
+# tokens of 48 voxels: one radial ring over three layers, as CaloDREAM), per-token layer energies, flow matching.
+_DS2_SHAPE = NetworkConfig(arch="transformer", patch=(3, 16, 1), width=256, depth=8, heads=4, emb_dim=128,
+                           layer_cond=True)
 
 PRESETS: dict[str, Config] = {
     # Smoke runs on CPU: a ~70k-parameter U-Net, trains in under a minute.
     "tiny": Config(network=NetworkConfig(channels=(4, 8, 16), attention_levels=(2,), heads=2, emb_dim=32),
-                   train=TrainConfig(showers=2_000, batch_size=32, lr=2e-3, warmup_showers=200,
-                                     ema_halflife_showers=1_000, checkpoint_showers=1_000, log_showers=500)),
+                   train=_TINY_TRAIN),
     "tiny-transformer": Config(network=NetworkConfig(arch="transformer", width=32, depth=2, heads=2, emb_dim=32),
-                               train=TrainConfig(showers=2_000, batch_size=32, lr=2e-3, warmup_showers=200,
-                                                 ema_halflife_showers=1_000, checkpoint_showers=1_000,
-                                                 log_showers=500)),
-    # The shipped DS2 teacher: 400-step DDPM cosine schedule, v-prediction, lean U-Net.
+                               train=_TINY_TRAIN),
+    "tiny-factorised": Config(network=NetworkConfig(arch="transformer", patch=(1, 4, 1), width=32, depth=2, heads=2,
+                                                    emb_dim=32, layer_cond=True),
+                              transform=TransformConfig(kind="layer", standardise="voxel"), diffusion=_FLOW,
+                              train=_TINY_TRAIN, energy=_TINY_ENERGY),
+    # The first shipped DS2 teacher: 400-step DDPM cosine schedule, v-prediction, lean U-Net.
     "ds2-unet": Config(network=NetworkConfig(channels=(16, 32, 64), blocks=1, attention_levels=(2,))),
     "ds2-edm": Config(network=NetworkConfig(channels=(16, 32, 64)), diffusion=DiffusionConfig(param="edm")),
     "ds2-transformer": Config(network=NetworkConfig(arch="transformer", patch=(3, 4, 3), width=256, depth=8,
                                                     heads=8, emb_dim=256)),
+    "ds2-factorised": Config(network=_DS2_SHAPE, transform=TransformConfig(kind="layer", standardise="voxel"),
+                             diffusion=_FLOW,
+                             train=TrainConfig(showers=10_000_000, batch_size=1024, lr=5e-4, warmup_showers=500_000,
+                                               ema_halflife_showers=500_000, checkpoint_showers=2_000_000,
+                                               log_showers=200_000)),
     "ds3-unet": Config(geometry="ds3", network=NetworkConfig(channels=(16, 32, 64), attention_levels=(2,)),
                        train=TrainConfig(batch_size=64)),
 }

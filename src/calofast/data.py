@@ -21,7 +21,7 @@ import numpy as np
 from .geometry import Geometry, geometry_for_voxels
 
 __all__ = ["ShowerFileError", "ShowerFileInfo", "inspect_file", "iter_showers", "read_showers",
-           "ShowerWriter", "write_showers", "check_values"]
+           "ShowerWriter", "write_showers", "check_values", "file_attrs"]
 
 ENERGIES, SHOWERS = "incident_energies", "showers"
 
@@ -83,6 +83,13 @@ def inspect_file(path: "str | Path", geometry: Geometry | None = None) -> Shower
         raise ShowerFileError(f"{path}: {info.n_voxels} voxels per shower, but geometry "
                               f"{geometry.name} has {geometry.n_voxels}")
     return info
+
+
+def file_attrs(path: "str | Path") -> dict:
+    """The file's attributes (calofast writes model, sampler, steps, seed, nfe, clipped_showers) as plain values."""
+    with _open(Path(path)) as f:
+        return {k: (v.item() if hasattr(v, "item") else v.decode() if isinstance(v, bytes) else v)
+                for k, v in f.attrs.items()}
 
 
 def check_values(path: "str | Path", energies: np.ndarray, showers: np.ndarray, first: int = 0) -> None:
@@ -158,8 +165,8 @@ class ShowerWriter:
         self._e = self._f.create_dataset(ENERGIES, (0, 1), maxshape=(None, 1), dtype="f4", chunks=(4096, 1), **gz)
         self._s = self._f.create_dataset(SHOWERS, (0, n_voxels), maxshape=(None, n_voxels), dtype="f4",
                                          chunks=(max(1, min(chunk_rows, 2**20 // n_voxels)), n_voxels), **gz)
-        for key, value in (attrs or {}).items():
-            self._f.attrs[key] = value
+        self.attrs = self._f.attrs              # file attributes; may be updated until close()
+        self.attrs.update(attrs or {})
 
     def write(self, energies: np.ndarray, showers: np.ndarray) -> None:
         energies = np.asarray(energies, dtype=np.float32).reshape(-1, 1)

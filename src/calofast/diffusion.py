@@ -11,6 +11,10 @@ plus a training distribution of sigma and a loss weight; samplers never branch o
   sees the VP-scaled input x / sqrt(sigma^2 + 1) and the table index t(sigma) (linear interpolation in
   ln sigma, k-diffusion `DiscreteSchedule`), mapped to [0, 1000].
 * `EDM`: Karras et al. preconditioning with sigma_data measured from the data.
+* `Flow`: rectified flow / conditional flow matching (Liu et al. 2022; Lipman et al. 2022; Esser et al.
+  2024): the linear path x_t = (1 - t) x0 + t n is x = x0 + sigma n with sigma = t / (1 - t), so the
+  network sees x_t = x / (1 + sigma) and t, predicts the velocity v = n - x0, and the logit-normal
+  t of SD3 is ln sigma ~ N(m, s^2). Every sampler runs on it unchanged.
 * `Boundary`: the consistency-model boundary condition f(x, sigma_min) = x wrapped around any of them
   (c_skip -> 1, c_out -> 0 at sigma_min), so a student can start from its teacher's weights.
 """
@@ -25,7 +29,7 @@ from torch import nn
 
 from .schedules import vp_sigmas
 
-__all__ = ["Denoiser", "Parameterisation", "DiscreteVP", "EpsVP", "VVP", "X0VP", "EDM", "Boundary",
+__all__ = ["Denoiser", "Parameterisation", "DiscreteVP", "EpsVP", "VVP", "X0VP", "EDM", "Flow", "Boundary",
            "Preconditioned", "denoising_loss", "parameterisation_from_dict", "parameterisation_to_dict",
            "build_parameterisation"]
 
@@ -164,6 +168,34 @@ class EDM:
 
 
 @dataclass(frozen=True)
+class Flow:
+    """Rectified flow in sigma-space: x_t = x / (1 + sigma), t = sigma / (1 + sigma), F = v = n - x0.
+
+    D = x_t - t v gives c_skip = c_in = 1/(1 + sigma), c_out = -sigma/(1 + sigma); the loss weight 1 makes
+    `denoising_loss` the plain velocity MSE. Training t ~ logit-normal(m, s), i.e. ln sigma ~ N(m, s^2).
+    c_noise = 1000 t, the range the VP models' time embedding sees.
+    """
+
+    sigma_data: float = 1.0
+    m: float = 0.0
+    s: float = 1.0
+    sigma_min: float = 0.002
+    sigma_max: float = 160.0
+    kind = "flow"
+
+    def scalings(self, sigma):
+        k = 1.0 / (1.0 + sigma)
+        return k, -sigma * k, k, 1000.0 * sigma * k
+
+    def sample_sigma(self, n, generator, device):
+        z = torch.randn(n, generator=generator, device=device)
+        return torch.exp(self.m + self.s * z)
+
+    def loss_weight(self, sigma):
+        return torch.ones_like(sigma)
+
+
+@dataclass(frozen=True)
 class Boundary:
     """Consistency boundary condition around a base parameterisation (spec 6.2, [inferred] design).
 
@@ -195,7 +227,7 @@ class Boundary:
         return self.base.loss_weight(sigma)
 
 
-Parameterisation = EpsVP | VVP | X0VP | EDM | Boundary
+Parameterisation = EpsVP | VVP | X0VP | EDM | Flow | Boundary
 _VP_KINDS = {"eps": EpsVP, "v": VVP, "x0": X0VP}
 
 
@@ -205,6 +237,9 @@ def parameterisation_to_dict(p: Parameterisation) -> dict:
     if isinstance(p, EDM):
         return {"kind": "edm", "sigma_data": p.sigma_data, "P_mean": p.P_mean, "P_std": p.P_std,
                 "sigma_min": p.sigma_min, "sigma_max": p.sigma_max}
+    if isinstance(p, Flow):
+        return {"kind": "flow", "sigma_data": p.sigma_data, "m": p.m, "s": p.s, "sigma_min": p.sigma_min,
+                "sigma_max": p.sigma_max}
     return {"kind": p.kind, "schedule": p.table.schedule, "T": p.table.T, "sigma_data": p.sigma_data}
 
 
@@ -214,6 +249,8 @@ def parameterisation_from_dict(d: dict) -> Parameterisation:
         return Boundary(parameterisation_from_dict(d["base"]), float(d["sigma_min"]))
     if kind == "edm":
         return EDM(*(float(d[k]) for k in ("sigma_data", "P_mean", "P_std", "sigma_min", "sigma_max")))
+    if kind == "flow":
+        return Flow(*(float(d[k]) for k in ("sigma_data", "m", "s", "sigma_min", "sigma_max")))
     if kind in _VP_KINDS:
         return _VP_KINDS[kind](DiscreteVP(d["schedule"], int(d["T"])), float(d["sigma_data"]))
     raise ValueError(f"unknown parameterisation {kind!r}")
@@ -267,4 +304,7 @@ def build_parameterisation(cfg, sigma_data: float = 1.0) -> Parameterisation:
     if cfg.param == "edm":
         sd = cfg.sigma_data or sigma_data
         return EDM(sd, cfg.p_mean, cfg.p_std, cfg.sigma_min * sd / 0.5, cfg.sigma_max * sd / 0.5)
+    if cfg.param == "flow":
+        # Standardised data: sigma_data is measured (about 1) but the path itself has no sigma_data knob.
+        return Flow(cfg.sigma_data or sigma_data, cfg.p_mean, cfg.p_std, cfg.sigma_min, cfg.sigma_max)
     return _VP_KINDS[cfg.param](DiscreteVP(cfg.schedule, cfg.timesteps))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .data import ShowerFileError, inspect_file, iter_showers
+from .data import ShowerFileError, file_attrs, inspect_file, iter_showers
 from .geometry import Geometry
 from .metrics.classifier import FAST, FULL, classifier_test, low_level_inputs
 from .metrics.compare import separation_powers, voxel_bins
@@ -118,6 +118,9 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
         "separation_power": separation_powers(ff_r.features, ff_g.features, geometry, vh),
         "response": {k: {"mean": float(np.mean(f["E_tot"] / f["E_inc"])), "std": float(np.std(f["E_tot"] / f["E_inc"]))}
                      for k, f in (("reference", ff_r.features), ("generated", ff_g.features))},
+        # How the file was made (calofast files: model, sampler, steps, seed, NFE per stage, clipped showers).
+        "generation": {k: v for k, v in file_attrs(generated).items()
+                       if k in ("model", "sampler", "steps", "seed", "nfe", "clipped_showers")},
     }
     hl_r, hl_g = reference.high_level, high_level_vector(ff_g.features)
     cfg = FAST if fast else FULL
@@ -175,6 +178,8 @@ def write_report(metrics: dict, out_dir: Path) -> Path:
             rows.append((f"separation power {k} (mean over layers)", f"{v['mean']:.5f}"))
     if "voxel_energy" in sp:
         rows.append(("separation power voxel energy", f"{sp['voxel_energy']:.5f}"))
+    if "clipped_showers" in m.get("generation", {}):
+        rows.append(("clipped showers (generation)", str(m["generation"]["clipped_showers"])))
     r = m["response"]
     rows.append(("E_tot/E_inc mean (rms)", f"generated {r['generated']['mean']:.4f} ({r['generated']['std']:.4f}); "
                  f"reference {r['reference']['mean']:.4f} ({r['reference']['std']:.4f})"))

@@ -1,11 +1,13 @@
 """Export a bundle and a deterministic few-step sampler to one ONNX file (or TorchScript) for Geant4.
 
-The graph holds the preprocessing of the condition, the unrolled K-step sampler (the samplers' own
-step functions, traced with a fixed sigma grid) and the inverse transform to voxel energies.
+The graph holds the preprocessing of the condition, the unrolled K-step sampler of every stage (the
+samplers' own step functions, traced with a fixed sigma grid; a factorised model's energy stage, then its
+shape stage conditioned on the energies) and the inverse transform to voxel energies.
 
 * `reproducible` flavour: inputs `conditions` [B, 1] (incident energy, MeV) and `noise` [B, D]
-  (D = K x voxels for the multistep consistency sampler, else voxels); output `showers` [B, V] in MeV,
-  CaloChallenge order. The host draws the noise from its own random engine and reproduces showers.
+  (D = the sum over stages of draws x event size: K draws for a K-step consistency sampler, else one;
+  the energy stage's noise first); output `showers` [B, V] in MeV, CaloChallenge order. The host draws
+  the noise from its own random engine and reproduces showers.
 * `par04` flavour, a drop-in for Par04's `setModelType CaloDiT-2`: one input [B, 8] = (E [GeV], phi,
   theta, 5-slot detector one-hot; index 3 = Par04's SiW detector), noise drawn inside the graph, output
   [B, 6480] in GeV in Par04 cell order (r, phi, z; z fastest). phi, theta and the one-hot are accepted
@@ -16,6 +18,7 @@ ONNX: opset 17, IR version 8, float32, dynamic batch axis; metadata inside the f
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +27,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import Bundle, file_sha256
-from .generate import resolve_sampler
+from .generate import sampling_plan
 from .samplers import SAMPLERS
 
 __all__ = ["UnrolledSampler", "Par04Model", "export_onnx", "export_torchscript", "DETERMINISTIC"]
@@ -46,27 +49,34 @@ class _NoiseFeed:
 
 
 class UnrolledSampler(nn.Module):
-    """conditions [B, 1] MeV, noise [B, K*V or V] -> showers [B, V] MeV, all float32.
+    """conditions [B, 1] MeV, noise [B, noise_size] -> showers [B, V] MeV, all float32.
 
-    Runs the library's own sampler function with a fixed grid; tracing unrolls its loop."""
+    Runs the library's own sampler function of every stage with a fixed grid; tracing unrolls the loops."""
 
-    def __init__(self, bundle: Bundle, sampler: str, sigmas: torch.Tensor):
+    def __init__(self, bundle: Bundle, plan: list[tuple[str, int, torch.Tensor]]):
         super().__init__()
-        if sampler not in DETERMINISTIC:
-            raise ValueError(f"export needs a deterministic sampler ({', '.join(DETERMINISTIC)}), not {sampler!r}")
-        self.denoiser, self.transform, self.sampler = bundle.denoiser, bundle.transform, sampler
-        self.sigmas = [float(s) for s in sigmas]
-        self.event_shape = bundle.event_shape
+        for name, _, _ in plan:
+            if name not in DETERMINISTIC:
+                raise ValueError(f"export needs a deterministic sampler ({', '.join(DETERMINISTIC)}), not {name!r}")
+        self.denoisers = nn.ModuleList([stage.denoiser for stage in bundle.stages])
+        self.transform, self.plan = bundle.transform, [(name, [float(s) for s in grid]) for name, _, grid in plan]
         self.n_voxels = bundle.geometry.n_voxels
-        self.noise_draws = len(self.sigmas) - 1 if sampler == "consistency" else 1
+        # Per stage: noise draws (a K-step consistency sampler re-noises K - 1 times) and event shape.
+        self.draws = [(len(grid) - 1 if name == "consistency" else 1, shape)
+                      for (name, grid), shape in zip(self.plan, bundle.transform.stage_shapes)]
+        self.noise_size = sum(k * math.prod(shape) for k, shape in self.draws)
 
     def forward(self, conditions: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         energies = conditions[:, 0]
-        cond = self.transform.condition(energies, dtype=torch.float32)
-        z = noise.reshape(noise.shape[0], self.noise_draws, *self.event_shape)
-        x0 = SAMPLERS[self.sampler].fn(self.denoiser, z[:, 0], torch.tensor(self.sigmas, dtype=torch.float64), cond,
-                                       rng=_NoiseFeed(z[:, 1:]))
-        return self.transform.inverse(x0, energies, dtype=torch.float32)
+        xs, offset = [], 0
+        for k, (denoiser, (name, grid), (draws, shape)) in enumerate(zip(self.denoisers, self.plan, self.draws)):
+            size = draws * math.prod(shape)
+            z = noise[:, offset:offset + size].reshape(noise.shape[0], draws, *shape)
+            offset += size
+            cond = self.transform.stage_condition(k, energies, xs, dtype=torch.float32)
+            xs.append(SAMPLERS[name].fn(denoiser, z[:, 0], torch.tensor(grid, dtype=torch.float64), cond,
+                                        rng=_NoiseFeed(z[:, 1:])))
+        return self.transform.decode(xs, energies, dtype=torch.float32)[0]
 
 
 class Par04Model(nn.Module):
@@ -75,7 +85,7 @@ class Par04Model(nn.Module):
     def __init__(self, core: UnrolledSampler, bundle: Bundle, energy_scale: float = 1.0):
         super().__init__()
         self.core, self.geometry, self.energy_scale = core, bundle.geometry, energy_scale
-        self.noise_size = core.noise_draws * core.n_voxels
+        self.noise_size = core.noise_size
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         energies_mev = inputs[:, :1] * 1000.0
@@ -84,11 +94,14 @@ class Par04Model(nn.Module):
         return self.geometry.to_par04(showers) * (self.energy_scale / 1000.0)
 
 
-def _metadata(bundle: Bundle, sampler: str, sigmas, flavour: str, io: dict) -> dict:
+def _metadata(bundle: Bundle, plan, flavour: str, io: dict) -> dict:
     lo, hi = bundle.transform.energy_range
+    name, steps, sigmas = plan[-1]
+    stages = [{"stage": stage.name, "sampler": n, "steps": k, "nfe": SAMPLERS[n].nfe(k)}
+              for stage, (n, k, _) in zip(bundle.stages, plan)]
     return {"producer": f"calofast {__version__}", "flavour": flavour, "model": bundle.path.name if bundle.path else "",
-            "model_sha256": file_sha256(bundle.path) if bundle.path else "", "sampler": sampler,
-            "steps": len(sigmas) - 1, "sigmas": [float(s) for s in sigmas], "nfe": SAMPLERS[sampler].nfe(len(sigmas) - 1),
+            "model_sha256": file_sha256(bundle.path) if bundle.path else "", "sampler": name,
+            "steps": steps, "sigmas": [float(s) for s in sigmas], "nfe": SAMPLERS[name].nfe(steps), "stages": stages,
             "geometry": bundle.geometry.name, "grid": list(bundle.geometry.grid_shape),
             "incident_energy_range_mev": [lo, hi], **io}
 
@@ -103,15 +116,15 @@ def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = N
         raise ValueError(f"{output}: exists already; refusing to overwrite (use --force)")
     if not bundle.geometry.is_regular:
         raise ValueError("ONNX export supports regular geometries (ds2, ds3)")
-    name, n_steps, sigmas = resolve_sampler(bundle, sampler, steps)
+    plan = sampling_plan(bundle, sampler, steps)
     bundle.to("cpu")
-    core = UnrolledSampler(bundle, name, sigmas).eval()
+    core = UnrolledSampler(bundle, plan).eval()
     V = core.n_voxels
     if flavour == "reproducible":
-        module, args = core, (torch.full((2, 1), 1e4), torch.zeros(2, core.noise_draws * V))
+        module, args = core, (torch.full((2, 1), 1e4), torch.zeros(2, core.noise_size))
         names, outs = ["conditions", "noise"], ["showers"]
         axes = {"conditions": {0: "batch"}, "noise": {0: "batch"}, "showers": {0: "batch"}}
-        io = {"inputs": "conditions [B,1] incident energy MeV; noise [B,%d] standard normal" % (core.noise_draws * V),
+        io = {"inputs": "conditions [B,1] incident energy MeV; noise [B,%d] standard normal" % core.noise_size,
               "outputs": "showers [B,%d] MeV, CaloChallenge order (layer, alpha, r; r fastest)" % V}
     elif flavour == "par04":
         if bundle.geometry.name != "ds2":
@@ -132,7 +145,7 @@ def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = N
                           opset_version=17, dynamo=False, do_constant_folding=True)
     model = onnx.load(str(tmp))
     model.ir_version = 8
-    meta = _metadata(bundle, name, sigmas, flavour, io)
+    meta = _metadata(bundle, plan, flavour, io)
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value) if not isinstance(value, str) else value
@@ -150,9 +163,8 @@ def export_torchscript(bundle: Bundle, output: "str | Path", *, sampler: str | N
     output = Path(output)
     if output.exists() and not force:
         raise ValueError(f"{output}: exists already; refusing to overwrite (use --force)")
-    name, n_steps, sigmas = resolve_sampler(bundle, sampler, steps)
-    core = UnrolledSampler(bundle.to("cpu"), name, sigmas).eval()
+    core = UnrolledSampler(bundle.to("cpu"), sampling_plan(bundle, sampler, steps)).eval()
     with torch.no_grad():
-        traced = torch.jit.trace(core, (torch.full((2, 1), 1e4), torch.zeros(2, core.noise_draws * core.n_voxels)))
+        traced = torch.jit.trace(core, (torch.full((2, 1), 1e4), torch.zeros(2, core.noise_size)))
     traced.save(str(output))
     return output

@@ -3,11 +3,15 @@
 `make_sigmas` chooses the grid a sampler runs on: for DDPM/DDIM on a discrete-VP model a subset of
 its training table (trailing spacing by default), otherwise a Karras grid (rho = 7) from sigma_max
 (capped at 160 sigma_data, spec 4.1) to sigma_min. Distilled students carry their own grid.
-`sample_batch` runs one batch with per-event noise (event k identical whatever the batch size),
-counts the NFE and returns physical showers. `generate_file` streams any number of showers to disk.
+`sampling_plan` gives every stage of a bundle its sampler: the main (last) stage the one asked for,
+earlier stages (a factorised model's energy stage) their own default. `sample_batch` runs one batch
+stage by stage with per-event noise (event k identical whatever the batch size), counts the NFE of
+each stage and returns physical showers and which had to be clipped. `generate_file` streams any
+number of showers to disk.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -16,23 +20,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import Bundle
-from .diffusion import Boundary, EDM
+from .checkpoint import Bundle, Stage
+from .diffusion import Boundary
 from .distill.consistency import consistency_points
 from .rng import EventRNG
 from .samplers import SAMPLERS, CountingDenoiser
 from .schedules import SIGMA_MAX_CAP, karras, karras_consistency, table_grid
+from .transforms import MAX_RESPONSE
 
 log = logging.getLogger("calofast")
 
-__all__ = ["make_sigmas", "sample_batch", "generate_file", "GenerateStats", "resolve_sampler", "compile_network",
-           "is_compiled"]
-
+__all__ = ["make_sigmas", "sample_batch", "generate_file", "GenerateStats", "resolve_sampler", "sampling_plan",
+           "compile_network", "is_compiled", "nfe_text"]
 
 
 def _table(param):
+    """The discrete VP table of a DDPM-style model, None for continuous-sigma models (EDM, flow)."""
     base = param.base if isinstance(param, Boundary) else param
-    return None if isinstance(base, EDM) else base.table.sigmas
+    return base.table.sigmas if hasattr(base, "table") else None
 
 
 def make_sigmas(denoiser, name: str, steps: int, *, spacing: str = "trailing", rho: float = 7.0,
@@ -54,27 +59,49 @@ def make_sigmas(denoiser, name: str, steps: int, *, spacing: str = "trailing", r
     return karras(steps, denoiser.sigma_min, s_max, rho)
 
 
+def _resolve(stage: Stage, name: str | None, steps: int | None, where: str) -> tuple[str, int, torch.Tensor]:
+    spec = stage.sampler or {}
+    name = name or spec.get("name") or "dpmpp-2m"
+    if spec and name == spec["name"]:
+        if steps in (None, int(spec["steps"])) and "sigmas" in spec:
+            return name, int(spec["steps"]), torch.tensor(spec["sigmas"], dtype=torch.float64)
+        if steps not in (None, int(spec["steps"])) and "grid" in spec:    # consistency: any steps from its grid
+            return name, steps, consistency_points(spec["grid"], steps)
+        if steps not in (None, int(spec["steps"])) and "sigmas" in spec:
+            raise ValueError(f"{where}: distilled for {spec['name']} with {spec['steps']} steps; "
+                             f"other step counts need an explicit --sampler")
+        steps = steps or int(spec["steps"])
+    steps = steps or 20
+    return name, steps, make_sigmas(stage.denoiser, name, steps)
+
+
 def resolve_sampler(bundle: Bundle, name: str | None, steps: int | None) -> tuple[str, int, torch.Tensor]:
-    """(sampler, steps, sigma grid) to run. A distilled bundle brings its own sampler, steps and grid;
-    explicit flags override them; otherwise DPM-Solver++(2M) with 20 steps on `make_sigmas`' grid."""
-    spec = bundle.sampler or {}
-    if spec and name in (None, spec["name"]):
-        if steps in (None, int(spec["steps"])):
-            return spec["name"], int(spec["steps"]), torch.tensor(spec["sigmas"], dtype=torch.float64)
-        if "grid" in spec:                   # consistency students: any step count from their grid
-            return spec["name"], steps, consistency_points(spec["grid"], steps)
-        raise ValueError(f"{bundle.path}: distilled for {spec['name']} with {spec['steps']} steps; "
-                         f"other step counts need an explicit --sampler")
-    name, steps = name or "dpmpp-2m", steps or 20
-    return name, steps, make_sigmas(bundle.denoiser, name, steps)
+    """(sampler, steps, sigma grid) of the main stage. A distilled bundle brings its own sampler, steps and
+    grid; explicit flags override them; otherwise DPM-Solver++(2M) with 20 steps on `make_sigmas`' grid."""
+    return _resolve(bundle.stages[-1], name, steps, str(bundle.path))
+
+
+def sampling_plan(bundle: Bundle, name: str | None = None, steps: int | None = None,
+                  sigmas: torch.Tensor | None = None) -> list[tuple[str, int, torch.Tensor]]:
+    """(sampler, steps, grid) for every stage: earlier stages their own default, the main stage as asked."""
+    plan = [_resolve(stage, None, None, f"{bundle.path} ({stage.name} stage)") for stage in bundle.stages[:-1]]
+    main = (name, steps, sigmas) if sigmas is not None else resolve_sampler(bundle, name, steps)
+    return plan + [main]
+
+
+def nfe_text(nfe: dict[str, int]) -> str:
+    """'NFE 20' for one stage, 'NFE 20 (+63 energy)' for a factorised model: the main stage first."""
+    *early, main = nfe.items()
+    return f"NFE {main[1]}" + "".join(f" (+{n} {name})" for name, n in early)
 
 
 def compile_network(bundle: Bundle) -> Bundle:
-    """Compile the bundle's raw network in place with torch.compile (inductor, static shapes).
+    """Compile the raw network of every stage in place with torch.compile (inductor, static shapes).
 
     The preconditioning and the samplers stay eager; parameter names (state_dict) are unchanged. The
     first call at each new batch size compiles (tens of seconds); later calls reuse the kernels."""
-    bundle.denoiser.net.compile(dynamic=False)
+    for stage in bundle.stages:
+        stage.denoiser.net.compile(dynamic=False)
     return bundle
 
 
@@ -84,21 +111,26 @@ def is_compiled(bundle: Bundle) -> bool:
 
 def sample_batch(bundle: Bundle, energies: torch.Tensor, seed: int, events, *, sampler: str | None = None,
                  steps: int | None = None, sigmas: torch.Tensor | None = None, bf16: bool = False,
-                 knobs: dict | None = None) -> tuple[torch.Tensor, int]:
-    """One batch of showers [B, V] (MeV, float32, on the bundle's device) and the counted NFE.
+                 knobs: dict | None = None) -> tuple[torch.Tensor, dict[str, int], torch.Tensor]:
+    """One batch: (showers [B, V] MeV float32 on the bundle's device, counted NFE per stage, clipped [B]).
 
-    sampler/steps default to the bundle's own (distilled students), else DPM-Solver++(2M) with 20 steps."""
+    sampler/steps (and the sampler `knobs`) apply to the main stage and default to the bundle's own
+    (distilled students), else DPM-Solver++(2M) with 20 steps; earlier stages use their own default."""
     device = next(bundle.denoiser.parameters()).device
     energies = torch.as_tensor(energies, dtype=torch.float64, device=device).reshape(-1)
-    if sigmas is None:
-        sampler, steps, sigmas = resolve_sampler(bundle, sampler, steps)
+    plan = sampling_plan(bundle, sampler, steps, sigmas)
     rng = EventRNG(seed, events, device)
-    noise = rng.randn(bundle.event_shape)
-    cond = bundle.transform.condition(energies)
-    counted = CountingDenoiser(bundle.denoiser)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        x0 = SAMPLERS[sampler].fn(counted, noise, sigmas, cond, rng=rng, **(knobs or {}))
-    return bundle.transform.inverse(x0.float(), energies), counted.nfe
+    xs, nfe = [], {}
+    for k, (stage, (name, _, grid)) in enumerate(zip(bundle.stages, plan)):
+        cond = bundle.transform.stage_condition(k, energies, xs)
+        noise = rng.randn(bundle.transform.stage_shapes[k])
+        counted = CountingDenoiser(stage.denoiser)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            x0 = SAMPLERS[name].fn(counted, noise, grid, cond, rng=rng, **((knobs or {}) if k == len(plan) - 1 else {}))
+        xs.append(x0.float())
+        nfe[stage.name] = counted.nfe
+    showers, clipped = bundle.transform.decode(xs, energies)
+    return showers, nfe, clipped
 
 
 def check_knobs(name: str, knobs: dict | None) -> None:
@@ -119,8 +151,9 @@ class GenerateStats:
     n: int
     sampler: str
     steps: int
-    nfe: int
+    nfe: dict[str, int]
     seconds: float
+    clipped: int
 
     @property
     def showers_per_s(self) -> float:
@@ -131,7 +164,9 @@ def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray
                   sampler: str | None = None, steps: int | None = None, batch_size: int = 1000,
                   bf16: bool = False, force: bool = False, knobs: dict | None = None,
                   progress: bool = True) -> GenerateStats:
-    """Write len(energies_mev) showers to a CaloChallenge file, batch by batch (atomic, --force aware)."""
+    """Write len(energies_mev) showers to a CaloChallenge file, batch by batch (atomic, --force aware).
+
+    The file's attributes record model, sampler, steps, seed, NFE per stage and the clipped-shower count."""
     from tqdm import tqdm
 
     from .data import ShowerWriter
@@ -141,9 +176,8 @@ def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray
     energies_mev = np.asarray(energies_mev, dtype=np.float64).reshape(-1)
     lo_e, hi_e = bundle.transform.energy_range
     if energies_mev.min() < lo_e * 0.999 or energies_mev.max() > hi_e * 1.001:
-        log.warning("incident energies outside the trained range %.4g-%.4g MeV",
-                                              lo_e, hi_e)
-    n, nfe, t_sampling = len(energies_mev), 0, 0.0
+        log.warning("incident energies outside the trained range %.4g-%.4g MeV", lo_e, hi_e)
+    n, nfe, t_sampling, clipped = len(energies_mev), {}, 0.0, 0
     device = next(bundle.denoiser.parameters()).device
     attrs = {"generator": "calofast", "model": bundle.path.name if bundle.path else "", "sampler": name,
              "steps": n_steps, "seed": seed}
@@ -152,13 +186,16 @@ def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray
         for lo in range(0, n, batch_size):
             idx = range(lo, min(lo + batch_size, n))
             t0 = time.perf_counter()
-            showers, nfe = sample_batch(bundle, torch.from_numpy(energies_mev[lo:idx.stop]), seed, idx,
-                                        sampler=name, steps=n_steps, sigmas=sigmas, bf16=bf16, knobs=knobs)
+            showers, nfe, bad = sample_batch(bundle, torch.from_numpy(energies_mev[lo:idx.stop]), seed, idx,
+                                             sampler=name, steps=n_steps, sigmas=sigmas, bf16=bf16, knobs=knobs)
             showers = showers.cpu().numpy()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t_sampling += time.perf_counter() - t0
+            clipped += int(bad.sum())
             writer.write(energies_mev[lo:idx.stop], showers)
             bar.update(len(idx))
-    return GenerateStats(Path(output), n, name, n_steps, nfe, max(t_sampling, 1e-9))
-
+        writer.attrs.update({"nfe": json.dumps(nfe), "clipped_showers": clipped})
+    if clipped:
+        log.warning("%d of %d showers had to be clipped (non-finite or above %.1f x E_inc)", clipped, n, MAX_RESPONSE)
+    return GenerateStats(Path(output), n, name, n_steps, nfe, max(t_sampling, 1e-9), clipped)

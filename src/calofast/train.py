@@ -7,8 +7,9 @@ torch.compile, a JSONL log (loss, lr, throughput) and a progress bar. Data-paral
 Resumable: the state (weights, EMA, optimiser, counters, RNG) is written atomically every
 `checkpoint_showers`; re-running the same command after a kill continues from it.
 
-`train_model(...)` is the library form of `calofast train`: data -> fitted transform -> denoiser ->
-`fit` with the denoising loss -> bundle.
+`train_model(...)` is the library form of `calofast train`: data -> fitted transform -> one denoiser per
+stage -> `fit` with the denoising loss, stage after stage (a factorised model trains its energy stage in
+RUN/energy, then its shape stage in RUN/shape) -> bundle.
 """
 from __future__ import annotations
 
@@ -26,15 +27,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import file_sha256, load_state, save_bundle, save_state
+from .checkpoint import Stage, file_sha256, load_state, save_bundle, save_state, stage_network
 from .config import Config, TrainConfig, dumps
 from .data import inspect_file, iter_showers
 from .diffusion import Preconditioned, build_parameterisation, denoising_loss
 from .geometry import get_geometry
-from .nn import build_network
-from .transforms import Transform, fit_transform
+from .transforms import ShowerTransform, fit_transform
 
-__all__ = ["Dist", "setup_distributed", "fit", "load_training_data", "train_model", "lr_at", "ema_beta"]
+__all__ = ["Dist", "setup_distributed", "fit", "load_training_data", "train_model", "lr_at", "ema_beta", "progress"]
 
 log = logging.getLogger("calofast.train")
 
@@ -65,11 +65,20 @@ def setup_distributed() -> Dist:
     return Dist(rank, world, device)
 
 
-def lr_at(cfg: TrainConfig, shown: int) -> float:
-    """Linear warm-up over warmup_showers, then cosine decay to lr * lr_min_ratio at the end."""
+def progress(cfg: TrainConfig, shown: int, elapsed: float) -> float:
+    """Fraction of the training done: of `showers`, or of `budget_seconds` of training time if that is larger."""
+    by_time = elapsed / cfg.budget_seconds if cfg.budget_seconds > 0 else 0.0
+    return min(1.0, max(shown / cfg.showers if cfg.showers > 0 else 1.0, by_time))
+
+
+def lr_at(cfg: TrainConfig, shown: int, done: float | None = None) -> float:
+    """Linear warm-up over warmup_showers, then cosine decay to lr * lr_min_ratio at the end of training;
+    `done` is the fraction of training done after the warm-up (default: counted in showers)."""
     if shown < cfg.warmup_showers:
         return cfg.lr * (shown + cfg.batch_size) / (cfg.warmup_showers + cfg.batch_size)
-    frac = min(1.0, (shown - cfg.warmup_showers) / max(1, cfg.showers - cfg.warmup_showers))
+    if done is None:
+        done = (shown - cfg.warmup_showers) / max(1, cfg.showers - cfg.warmup_showers)
+    frac = min(1.0, max(0.0, done))
     floor = cfg.lr * cfg.lr_min_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * frac))
 
@@ -98,7 +107,9 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
 
     `loss_fn(model, *batch, generator)` returns a scalar. `after_step(model)` runs after every
     optimiser step (e.g. a consistency target EMA); `extra_modules` are saved in and restored from the
-    resume state with the rest. Returns (ema model, finished); finished is False when `max_seconds`
+    resume state with the rest. Training ends after `showers`, or after `budget_seconds` of training time
+    (summed over resumes) if that comes first; the cosine decay follows whichever is further along.
+    Returns (ema model, finished); finished is False when `max_seconds`
     stopped the run early (re-run to continue).
     """
     from tqdm import tqdm
@@ -106,6 +117,8 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
     extra_modules = extra_modules or {}
     d = dist_info or setup_distributed()
     run_dir = Path(run_dir)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     state_path = run_dir / "state.pt"
     if cfg.batch_size % d.world:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {d.world} processes")
@@ -117,13 +130,13 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
                             weight_decay=cfg.weight_decay)
     gen = torch.Generator(device=data[0].device)
     gen.manual_seed(cfg.seed * 1009 + d.rank)
-    shown, step = 0, 0
+    shown, step, elapsed = 0, 0, 0.0
     if state_path.exists():
         st = load_state(state_path)
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
-        shown, step = st["shown"], st["step"]
+        shown, step, elapsed = st["shown"], st["step"], float(st.get("elapsed", 0.0))
         for name, module in extra_modules.items():
             module.load_state_dict(st["extra"][name])
         gen.set_state(st["gen"][d.rank] if d.rank < len(st["gen"]) else st["gen"][0])
@@ -143,23 +156,23 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
             dist.all_gather_object(states, gen.get_state())
         if d.main:
             save_state(state_path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                    "shown": shown, "step": step, "gen": states,
+                                    "shown": shown, "step": step, "elapsed": elapsed, "gen": states,
                                     "extra": {k: m.state_dict() for k, m in extra_modules.items()}})
             if on_checkpoint is not None:
                 on_checkpoint(ema, shown)
         if d.world > 1:
             dist.barrier()
 
-    t_start = time.time()
+    t_start, elapsed0, done = time.time(), elapsed, progress(cfg, shown, elapsed)
     t_log, shown_log, loss_sum, loss_n = time.time(), shown, 0.0, 0
     next_ckpt = (shown // cfg.checkpoint_showers + 1) * cfg.checkpoint_showers
     next_log = (shown // cfg.log_showers + 1) * cfg.log_showers
-    bar = tqdm(total=cfg.showers, initial=shown, unit="shower", unit_scale=True, desc=desc, disable=not d.main,
-               smoothing=0.05)
+    bar = tqdm(total=cfg.showers if cfg.budget_seconds <= 0 else None, initial=shown, unit="shower",
+               unit_scale=True, desc=desc, disable=not d.main, smoothing=0.05)
     finished = True
     model.train()
-    while shown < cfg.showers:
-        lr = lr_at(cfg, shown)
+    while done < 1:
+        lr = lr_at(cfg, shown, done if cfg.budget_seconds > 0 else None)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, n_data, (local_batch,), generator=gen, device=data[0].device)
@@ -183,58 +196,74 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
         loss_sum = loss_sum + loss.detach().float()      # stays on the device: no sync per step
         loss_n += 1
         bar.update(cfg.batch_size)
-        stop = cfg.max_seconds > 0 and step % 16 == 0 and time.time() - t_start > cfg.max_seconds
-        if d.world > 1 and step % 16 == 0:
-            flag = torch.tensor([float(stop)], device=d.device)
-            dist.all_reduce(flag)
-            stop = bool(flag.item() > 0)
-        if shown >= next_log or shown >= cfg.showers or stop:
+        stop = False
+        if step % 16 == 0:
+            # The clock is read every 16 steps and shared (max over ranks), so every rank applies the same
+            # learning rate and stops at the same step.
+            clock = torch.tensor([time.time() - t_start], dtype=torch.float64)
+            if d.world > 1:
+                clock = clock.to(d.device)
+                dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+            elapsed = elapsed0 + float(clock)
+            stop = cfg.max_seconds > 0 and float(clock) > cfg.max_seconds
+        done = progress(cfg, shown, elapsed)
+        if shown >= next_log or done >= 1 or stop:
             next_log += cfg.log_showers
             mean_loss = _all_mean(float(loss_sum) / max(loss_n, 1), d)
             now = time.time()
             if d.main:
                 rec = {"step": step, "showers": shown, "loss": mean_loss, "lr": lr,
-                       "showers_per_s": (shown - shown_log) / max(now - t_log, 1e-9), "time": now}
+                       "showers_per_s": (shown - shown_log) / max(now - t_log, 1e-9), "time": now,
+                       "elapsed_s": round(elapsed, 2)}
                 with open(stats_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
             t_log, shown_log, loss_sum, loss_n = now, shown, 0.0, 0
-        if shown >= next_ckpt or shown >= cfg.showers or stop:
+        if shown >= next_ckpt or done >= 1 or stop:
             next_ckpt += cfg.checkpoint_showers
             checkpoint()
-        if stop and shown < cfg.showers:
+        if stop and done < 1:
             finished = False
             break
     bar.close()
     return ema, finished
 
 
-def load_training_data(path: "str | Path", transform: Transform, max_events: int = 0,
-                       device: "str | torch.device" = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Preprocess a whole training file into x0 [N, 1, L, A, R] and cond [N, 1] (float32, on device)."""
+def load_training_data(path: "str | Path", transform: ShowerTransform, max_events: int = 0,
+                       device: "str | torch.device" = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Preprocess a whole training file: (x0, cond) per stage (float32, on device), e.g. x0 [N, 1, L, A, R]
+    and cond [N, 1] for a one-stage model; the main stage is the last."""
     info = inspect_file(path, transform.geometry)
     n = min(info.n_events, max_events) if max_events else info.n_events
-    x0 = torch.empty((n, *transform.event_shape), dtype=torch.float32, device=device)
-    cond = torch.empty((n, 1), dtype=torch.float32, device=device)
+    shapes = transform.stage_shapes
+    data = [(torch.empty((n, *shape), dtype=torch.float32, device=device),
+             torch.empty((n, c), dtype=torch.float32, device=device)) for shape, c in zip(shapes, transform.cond_dims)]
     lo, where = 0, torch.device(device)
     transform = copy.deepcopy(transform).to(where)       # preprocess where the data will live
     for e, s in iter_showers(path, 5000, geometry=transform.geometry, stop=n):
         et = torch.as_tensor(e, device=where)
-        x0[lo:lo + len(e)] = transform(torch.as_tensor(s, device=where), et).to(device)
-        cond[lo:lo + len(e)] = transform.condition(et).to(device)
+        xs = transform.encode(torch.as_tensor(s, device=where), et)
+        for (x0, cond), x, c in zip(data, xs, transform.conditions(et, xs)):
+            x0[lo:lo + len(e)] = x.to(device)
+            cond[lo:lo + len(e)] = c.to(device)
         lo += len(e)
-    return x0, cond
+    return data
+
+
+def _stage_settings(config: Config, name: str):
+    return (config.energy.diffusion, config.energy.train) if name == "energy" else (config.diffusion, config.train)
 
 
 def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", *, preset: str = "") -> Path:
-    """`calofast train`: fit the transform, build the denoiser, train, write `model.safetensors`."""
+    """`calofast train`: fit the transform, build each stage's denoiser, train, write `model.safetensors`."""
     d = setup_distributed()
     run_dir = Path(run_dir)
     geometry = get_geometry(config.geometry)
     info = inspect_file(data_path, geometry)
     cfg_text = dumps(config)
     cfg_path = run_dir / "config.json"
-    if (run_dir / "state.pt").exists() and cfg_path.exists() and cfg_path.read_text() != cfg_text:
+    if cfg_path.exists() and cfg_path.read_text() != cfg_text and \
+            any((run_dir / sub / "state.pt").exists() for sub in (".", "energy", "shape")):
         raise ValueError(f"{run_dir}: holds a run with a different config; resume with the same options "
                          "or choose a new output folder")
     if d.main:
@@ -243,23 +272,38 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
     n_fit = min(info.n_events, config.train.max_events or info.n_events, 20_000)
     tc = config.transform
     transform = fit_transform(geometry, iter_showers(data_path, 5000, geometry=geometry, stop=n_fit),
-                              tc.kind, tc.scale_mev or None, tc.alpha)
-    x0, cond = load_training_data(data_path, transform, config.train.max_events, d.device)
-    sigma_data = float(x0.std())
-    param = build_parameterisation(config.diffusion, sigma_data)
-    torch.manual_seed(config.train.seed)
-    denoiser = Preconditioned(build_network(config.network, geometry), param)
+                              tc.kind, tc.scale_mev or None, tc.alpha, tc.standardise)
+    data = load_training_data(data_path, transform, config.train.max_events, d.device)
     data_meta = [{"name": Path(data_path).name, "bytes": Path(data_path).stat().st_size,
-                  "events": int(x0.shape[0]), "sha256": file_sha256(data_path) if d.main else ""}]
+                  "events": int(data[0][0].shape[0]), "sha256": file_sha256(data_path) if d.main else ""}]
     bundle_path = run_dir / "model.safetensors"
+    single = len(transform.stages) == 1
+    stages: list[Stage] = []
+    for k, name in enumerate(transform.stages):
+        diffusion, train_cfg = _stage_settings(config, name)
+        x0, cond = data[k]
+        sigma_data = float(x0.std())
+        param = build_parameterisation(diffusion, sigma_data)
+        torch.manual_seed(train_cfg.seed + k)
+        denoiser = Preconditioned(stage_network(config, transform, k), param)
+        sampler = {"name": config.energy.sampler, "steps": config.energy.steps} if name == "energy" else None
+        last = k == len(transform.stages) - 1
 
-    def write_bundle(ema: nn.Module, shown: int) -> None:
-        save_bundle(bundle_path, ema, transform, config, train_seed=config.train.seed, events_seen=shown,
-                    data=data_meta, extra={"preset": preset, "sigma_data_measured": sigma_data})
+        def write_bundle(ema: nn.Module, shown: int, name=name, sampler=sampler, last=last, sd=sigma_data) -> None:
+            if last:                          # earlier stages are finished by now; the bundle needs them all
+                save_bundle(bundle_path, stages + [Stage(name, ema, sampler)], transform, config,
+                            train_seed=config.train.seed, events_seen=shown, data=data_meta,
+                            extra={"preset": preset, "sigma_data_measured": sd},
+                            weights_dtype=config.train.bundle_dtype)
 
-    loss = lambda model, x, c, g: denoising_loss(model, param, x, c, g)
-    _, finished = fit(loss, denoiser, (x0, cond), config.train, run_dir, on_checkpoint=write_bundle, dist_info=d)
+        loss = lambda model, x, c, g, param=param: denoising_loss(model, param, x, c, g)
+        ema, finished = fit(loss, denoiser, (x0, cond), train_cfg, run_dir if single else run_dir / name,
+                            on_checkpoint=write_bundle, dist_info=d, desc=f"train {name}")
+        if not finished:
+            if d.main:
+                log.info("%s stage stopped early (re-run to resume): %s", name, run_dir)
+            return bundle_path
+        stages.append(Stage(name, ema.eval(), sampler))
     if d.main:
-        log.info("%s: %s", "finished" if finished else "stopped early (re-run to resume)", bundle_path)
+        log.info("finished: %s", bundle_path)
     return bundle_path
-

@@ -2,6 +2,8 @@
 
 Every stage writes an ordinary bundle that records the sampler and steps it was made for, its parent
 (the teacher bundle's sha256) and its grid, so `calofast generate --model STUDENT` needs no flags.
+Only the main stage is distilled: a factorised teacher's energy stage is copied into the student with
+its own (cheap) sampler.
 Runs resume like training: each stage has its own folder with a resume state, and finished stages
 (bundle written, `done` marker) are skipped on a re-run.
 """
@@ -38,6 +40,14 @@ def _student(denoiser: Preconditioned, param=None) -> Preconditioned:
     return Preconditioned(net, param or denoiser.param)
 
 
+def _write(path: Path, teacher: Bundle, ema, sampler: dict, cfg: Config, shown: int, parent: str,
+           data_meta: list[dict]) -> None:
+    """The student bundle: the teacher's earlier stages, then the distilled main stage."""
+    stages = teacher.stages[:-1] + [teacher.stages[-1].with_denoiser(ema, sampler)]
+    save_bundle(path, stages, teacher.transform, cfg, train_seed=cfg.train.seed, events_seen=shown, data=data_meta,
+                parent=parent)
+
+
 def _meta(teacher_path: Path, data_path: Path, x0: torch.Tensor) -> tuple[str, list[dict]]:
     return file_sha256(teacher_path), [{"name": data_path.name, "bytes": data_path.stat().st_size,
                                         "events": int(x0.shape[0]), "sha256": file_sha256(data_path)}]
@@ -55,7 +65,7 @@ def distill_progressive(teacher_path: "str | Path", data_path: "str | Path", run
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(dumps(cfg))
-    x0, cond = load_training_data(data_path, teacher_bundle.transform, cfg.train.max_events, d.device)
+    x0, cond = load_training_data(data_path, teacher_bundle.transform, cfg.train.max_events, d.device)[-1]
     s_min, s_max = distill_sigma_range(teacher_bundle, cfg)
     parent, data_meta = _meta(teacher_bundle.path, data_path, x0) if d.main else ("", [])
     teacher, param = teacher_bundle.denoiser, teacher_bundle.denoiser.param
@@ -76,8 +86,7 @@ def distill_progressive(teacher_path: "str | Path", data_path: "str | Path", run
                                                                          dc.rho, g))(teacher, n)
 
             def write(ema, shown, path=bundle_path, sampler=sampler):
-                save_bundle(path, ema, teacher_bundle.transform, cfg, train_seed=cfg.train.seed,
-                            events_seen=shown, data=data_meta, parent=parent, sampler=sampler)
+                _write(path, teacher_bundle, ema, sampler, cfg, shown, parent, data_meta)
 
             ema, finished = fit(loss, student, (x0, cond), stage_cfg, stage_dir, on_checkpoint=write,
                                 dist_info=d, desc=f"pd {2 * n}->{n}")
@@ -102,7 +111,7 @@ def distill_consistency(teacher_path: "str | Path", data_path: "str | Path", run
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(dumps(cfg))
-    x0, cond = load_training_data(data_path, teacher_bundle.transform, cfg.train.max_events, d.device)
+    x0, cond = load_training_data(data_path, teacher_bundle.transform, cfg.train.max_events, d.device)[-1]
     s_min, s_max = distill_sigma_range(teacher_bundle, cfg)
     grid = karras_consistency(dc.cm_steps, s_min, s_max, dc.rho)
     teacher = teacher_bundle.denoiser
@@ -115,8 +124,7 @@ def distill_consistency(teacher_path: "str | Path", data_path: "str | Path", run
     bundle_path = run_dir / "cd.safetensors"
 
     def write(ema, shown):
-        save_bundle(bundle_path, ema, teacher_bundle.transform, cfg, train_seed=cfg.train.seed,
-                    events_seen=shown, data=data_meta, parent=parent, sampler=sampler)
+        _write(bundle_path, teacher_bundle, ema, sampler, cfg, shown, parent, data_meta)
 
     loss = lambda model, x, c, g: consistency_loss(model, target, teacher, x, c, grid, dc.cm_loss, g)
     cm_cfg = replace(cfg.train, showers=dc.cm_showers, warmup_showers=min(cfg.train.warmup_showers, dc.cm_showers // 10),

@@ -1,8 +1,13 @@
 """Transformer backbone F(x_in, c_noise, cond) over patches of the cylinder grid (DiT-style, adaLN-Zero).
 
-Patches of (pl, pa, pr) cells become tokens (the grid is zero-padded up to a multiple of the patch),
-with a learned position embedding; each block modulates LayerNorm by the noise/condition embedding
-(Peebles & Xie, arXiv:2212.09748) and attends through `scaled_dot_product_attention`.
+Patches of (pl, pa, pr) cells become tokens (the grid is zero-padded up to a multiple of the patch).
+Positions are a learned 3-D embedding, the sum of one table per axis (layer, angle, radius). Each block
+modulates LayerNorm by the noise/condition embedding (Peebles & Xie, arXiv:2212.09748) and attends through
+`scaled_dot_product_attention` (FlashAttention / cuDNN kernels on GPU in bf16).
+
+With `layer_cond`, the last L entries of `cond` are per-layer values (the factorised shape stage's layer
+energies): each token also gets a linear embedding of the values of its own pl layers, so a token knows
+how much energy its layers hold; the whole vector still enters the global embedding.
 """
 from __future__ import annotations
 
@@ -55,17 +60,20 @@ class Transformer3D(nn.Module):
     """
 
     def __init__(self, grid: tuple[int, int, int], patch: tuple[int, int, int] = (3, 4, 3), width: int = 192,
-                 depth: int = 6, heads: int = 6, emb_dim: int = 192, cond_dim: int = 1):
+                 depth: int = 6, heads: int = 6, emb_dim: int = 192, cond_dim: int = 1, layer_cond: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} does not split into {heads} heads")
-        self.grid, self.patch = tuple(grid), tuple(patch)
+        if layer_cond and cond_dim < grid[0]:
+            raise ValueError(f"layer conditioning needs {grid[0]} per-layer condition entries, cond has {cond_dim}")
+        self.grid, self.patch, self.layer_cond = tuple(grid), tuple(patch), layer_cond
         self.padded = tuple(math.ceil(g / p) * p for g, p in zip(grid, patch))
         self.tokens = tuple(g // p for g, p in zip(self.padded, patch))
-        n_tok, p_vol = math.prod(self.tokens), math.prod(patch)
+        p_vol = math.prod(patch)
         self.emb = Embedding(emb_dim, cond_dim)
         self.embed = nn.Linear(p_vol, width)
-        self.pos = nn.Parameter(torch.randn(1, n_tok, width) * 0.02)
+        self.pos = nn.ParameterList([nn.Parameter(torch.randn(n, width) * 0.02) for n in self.tokens])
+        self.layer_embed = nn.Linear(patch[0], width) if layer_cond else None
         self.blocks = nn.ModuleList([_Block(width, heads, emb_dim) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Linear(emb_dim, 2 * width)
@@ -86,9 +94,22 @@ class Transformer3D(nn.Module):
         x = x.reshape(t.shape[0], 1, tl * pl, ta * pa, tr * pr)
         return x[:, :, : self.grid[0], : self.grid[1], : self.grid[2]]
 
+    def _positions(self) -> torch.Tensor:
+        pl, pa, pr = self.pos
+        return (pl[:, None, None] + pa[None, :, None] + pr[None, None, :]).reshape(-1, pl.shape[1])
+
+    def _layer_tokens(self, cond: torch.Tensor) -> torch.Tensor:
+        """[B, N, width]: each token's embedding of the per-layer values of its layers."""
+        L, (tl, ta, tr) = self.grid[0], self.tokens
+        values = F.pad(cond[:, -L:].float(), (0, self.padded[0] - L)).reshape(-1, tl, self.patch[0])
+        h = self.layer_embed(values)                                          # [B, tl, width]
+        return h[:, :, None, None].expand(-1, tl, ta, tr, -1).reshape(h.shape[0], tl * ta * tr, -1)
+
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         emb = self.emb(c_noise, cond)
-        h = self.embed(self._patchify(x)) + self.pos
+        h = self.embed(self._patchify(x)) + self._positions()
+        if self.layer_embed is not None:
+            h = h + self._layer_tokens(cond)
         for block in self.blocks:
             h = block(h, emb)
         shift, scale = self.ada(emb)[:, None, :].chunk(2, dim=2)

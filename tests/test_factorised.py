@@ -1,0 +1,127 @@
+"""The factorised energy/shape model end to end on the tiny geometry: training, bundle, sampling, CLI,
+ONNX export, distillation of its shape stage, and the time budget of the training loop."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from calofast.checkpoint import load_bundle
+from calofast.cli import main
+from calofast.config import apply_overrides, get_preset
+from calofast.data import file_attrs, read_showers
+from calofast.generate import sample_batch, sampling_plan
+from calofast.rng import EventRNG
+from calofast.train import train_model
+from calofast.transforms import MAX_RESPONSE
+
+from helpers import tiny_data, tiny_xml
+
+
+@pytest.fixture(scope="module")
+def factorised(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fact")
+    cfg = apply_overrides(get_preset("tiny-factorised"), [f"geometry={tiny_xml(tmp)}", "train.bundle_dtype=fp16"])
+    return train_model(cfg, tiny_data(tmp), tmp / "run"), tmp
+
+
+def test_bundle_holds_both_stages_in_fp16(factorised):
+    path, tmp = factorised
+    b = load_bundle(path)
+    assert [s.name for s in b.stages] == ["energy", "shape"] and b.meta["weights_dtype"] == "fp16"
+    assert b.stages[0].sampler == {"name": "heun", "steps": 4} and b.stages[1].sampler is None
+    with safe_open(str(path), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if ".net." in k}
+    assert dtypes == {torch.float16}
+    assert all(p.dtype == torch.float32 for s in b.stages for p in s.denoiser.parameters())   # loaded as fp32
+    assert (tmp / "run/energy/stats.jsonl").exists() and (tmp / "run/shape/stats.jsonl").exists()
+
+
+def test_sampling_both_stages(factorised):
+    b = load_bundle(factorised[0])
+    e = torch.tensor([1.5e3, 2e4, 9e4], dtype=torch.float64)
+    showers, nfe, clipped = sample_batch(b, e, 3, range(3), sampler="euler", steps=5)
+    assert nfe == {"energy": 7, "shape": 5} and not clipped.any()
+    assert torch.isfinite(showers).all() and (showers >= 0).all()
+    assert (showers.double().sum(1) <= MAX_RESPONSE * e).all()
+    part, _, _ = sample_batch(b, e[1:], 3, range(1, 3), sampler="euler", steps=5)
+    torch.testing.assert_close(part, showers[1:])             # event k does not depend on the batch
+    assert sampling_plan(b, "heun", 3)[0][:2] == ("heun", 4) and sampling_plan(b, "heun", 3)[1][:2] == ("heun", 3)
+
+
+def test_cli_generate_reports_both_stages_and_clipping(factorised, tmp_path, capsys):
+    out = tmp_path / "g.h5"
+    assert main(["generate", "--model", str(factorised[0]), "--n", "7", "--steps", "4", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "NFE 4 (+7 energy)" in text and "0 clipped showers" in text
+    attrs = file_attrs(out)
+    assert json.loads(attrs["nfe"]) == {"energy": 7, "shape": 4} and attrs["clipped_showers"] == 0
+    assert read_showers(out)[1].shape == (7, 36)
+
+
+def test_onnx_export_runs_both_stages(factorised, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+    from calofast.export import export_onnx
+    b = load_bundle(factorised[0])
+    path = export_onnx(b, tmp_path / "f.onnx", sampler="euler", steps=3)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert [s["stage"] for s in meta["stages"]] == ["energy", "shape"] and meta["stages"][0]["nfe"] == 7
+    e = torch.tensor([3e3, 6e4], dtype=torch.float64)
+    ref, _, _ = sample_batch(b, e, 4, range(2), sampler="euler", steps=3)
+    r = EventRNG(4, range(2))
+    noise = torch.cat([r.randn((3,)), r.randn((1, 3, 4, 3)).reshape(2, -1)], 1)     # energy stage first
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"conditions": e.float()[:, None].numpy(), "noise": noise.numpy()})[0]
+    assert np.linalg.norm(out - ref.numpy()) <= 1e-4 * np.linalg.norm(ref.numpy())
+
+
+def test_progressive_distillation_keeps_the_energy_stage(factorised, tmp_path):
+    path, tmp = factorised
+    assert main(["distill", "progressive", "--teacher", str(path), "--data", str(tiny_data(tmp)), "--start-steps", "4",
+                 "--to-steps", "2", "--set", "distill.showers_per_stage=128", "-o", str(tmp_path / "pd")]) == 0
+    teacher, student = load_bundle(path), load_bundle(tmp_path / "pd/pd-2step.safetensors")
+    assert [s.name for s in student.stages] == ["energy", "shape"] and student.sampler["steps"] == 2
+    for a, b in zip(teacher.stages[0].denoiser.state_dict().values(), student.stages[0].denoiser.state_dict().values()):
+        assert torch.equal(a, b)
+    _, nfe, _ = sample_batch(student, torch.tensor([1e4]), 0, range(1))
+    assert nfe == {"energy": 7, "shape": 2}
+
+
+def test_time_budget_ends_training_with_the_schedule_finished(tmp_path):
+    """train.budget_seconds: the run ends after that much training time, its cosine decay run to the end."""
+    cfg = apply_overrides(get_preset("tiny"), [f"geometry={tiny_xml(tmp_path)}", "train.showers=100000000",
+                                               "train.budget_seconds=2", "train.warmup_showers=0",
+                                               "train.log_showers=64"])
+    path = train_model(cfg, tiny_data(tmp_path), tmp_path / "run")
+    stats = [json.loads(line) for line in (tmp_path / "run/stats.jsonl").read_text().splitlines()]
+    assert 2 <= stats[-1]["elapsed_s"] < 4 and stats[-1]["showers"] < 100_000_000
+    assert stats[-1]["lr"] < 0.1 * cfg.train.lr and stats[0]["lr"] > 0.9 * cfg.train.lr
+    assert load_bundle(path).meta["train_events_seen"] == str(stats[-1]["showers"])
+
+
+def test_shipped_factorised_model_is_bounded_even_with_hostile_weights():
+    """The shipped bundle loads by name and samples; with its output layers scaled by 1e6 (a diverged or
+    hostile network) every shower is still finite, non-negative and holds at most 2 x E_inc."""
+    b = load_bundle("ds2-factorised")
+    assert [s.name for s in b.stages] == ["energy", "shape"] and b.geometry.name == "ds2"
+    e = torch.tensor([1e3, 3e4, 1e6], dtype=torch.float64)
+    showers, nfe, clipped = sample_batch(b, e, 0, range(3), sampler="euler", steps=1)
+    assert nfe == {"energy": 63, "shape": 1} and not clipped.any()
+    assert (showers.double().sum(1) <= MAX_RESPONSE * e).all() and (showers.double().sum(1) > 0.3 * e).all()
+    with torch.no_grad():
+        b.stages[0].denoiser.net.out.weight.mul_(1e6)
+        b.stages[1].denoiser.net.head.weight.mul_(1e6)
+    showers, _, _ = sample_batch(b, e, 0, range(3), sampler="euler", steps=1)
+    assert torch.isfinite(showers).all() and (showers >= 0).all()
+    assert (showers.double().sum(1) <= MAX_RESPONSE * e * (1 + 1e-6)).all()
+
+
+def test_cli_bench_counts_the_main_stage_and_records_every_stage(factorised, tmp_path):
+    out = tmp_path / "bench.csv"
+    assert main(["bench", "--model", str(factorised[0]), "--steps", "2", "--batch-sizes", "1,3", "--repeats", "2",
+                 "-o", str(out)]) == 0
+    import csv
+    rows = list(csv.DictReader(open(out)))
+    assert [int(r["batch"]) for r in rows] == [1, 3] and all(int(r["nfe"]) == 2 for r in rows)
+    assert all(json.loads(r["nfe_stages"]) == {"energy": 7, "shape": 2} for r in rows)
