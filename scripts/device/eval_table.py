@@ -161,8 +161,9 @@ def generate_worker(rows: list, reference: str, out: Path, n: int, deadline: flo
             name, n_steps, sigmas = resolve_sampler(b, sampler, steps)
             sync()
             t0 = time.perf_counter()
-            showers, nfe = sample_batch(b, torch.from_numpy(energies[lo:hi]), 1, range(lo, hi), sampler=name,
-                                        steps=n_steps, sigmas=sigmas, bf16=dev == "cuda", knobs=knobs)
+            showers, nfe, _ = sample_batch(b, torch.from_numpy(energies[lo:hi]), 1, range(lo, hi), sampler=name,
+                                           steps=n_steps, sigmas=sigmas, bf16=dev == "cuda", knobs=knobs)
+            nfe = list(nfe.values())[-1]
             showers = showers.cpu().numpy()
             sync()
             dt = time.perf_counter() - t0

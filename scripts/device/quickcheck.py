@@ -40,7 +40,7 @@ def main() -> None:
         name, steps, sigmas = resolve_sampler(b, rest[0] if rest else None, int(rest[1]) if len(rest) > 1 else None)
         out, t0 = [], time.perf_counter()
         for lo in range(0, a.n, 2000):
-            x, nfe = sample_batch(b, torch.from_numpy(e[lo:lo + 2000].astype(np.float64)), 1, range(lo, min(lo + 2000, a.n)),
+            x, nfe, _ = sample_batch(b, torch.from_numpy(e[lo:lo + 2000].astype(np.float64)), 1, range(lo, min(lo + 2000, a.n)),
                                   sampler=name, steps=steps, sigmas=sigmas, bf16=a.bf16)
             out.append(x.cpu().numpy())
         dt = time.perf_counter() - t0
