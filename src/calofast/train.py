@@ -197,9 +197,9 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
         loss_n += 1
         bar.update(cfg.batch_size)
         stop = False
-        if step % 16 == 0:
-            # The clock is read every 16 steps and shared (max over ranks), so every rank applies the same
-            # learning rate and stops at the same step.
+        if d.world == 1 or step % 16 == 0:
+            # Several processes read the clock every 16 steps and share it (max over ranks), so every rank
+            # applies the same learning rate and stops at the same step; one process reads it every step.
             clock = torch.tensor([time.time() - t_start], dtype=torch.float64)
             if d.world > 1:
                 clock = clock.to(d.device)
