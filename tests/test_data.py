@@ -128,3 +128,13 @@ def test_writer_rejects_bad_values(tmp_path):
     with pytest.raises(ShowerFileError, match="negative"):
         write_showers(tmp_path / "x.h5", e, s)
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_file_attrs_are_plain_values(tmp_path):
+    """Attributes of any file (arrays, bytes, numpy scalars) come back as JSON-able Python values."""
+    import json
+    from calofast.data import file_attrs
+    path = write_showers(tmp_path / "a.h5", np.array([1e3]), np.zeros((1, 36)),
+                         attrs={"array": np.arange(3), "raw": b"xy", "count": np.int64(4), "text": "t"})
+    attrs = file_attrs(path)
+    assert attrs == {"array": [0, 1, 2], "raw": "xy", "count": 4, "text": "t"} and json.dumps(attrs)

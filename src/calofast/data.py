@@ -85,11 +85,18 @@ def inspect_file(path: "str | Path", geometry: Geometry | None = None) -> Shower
     return info
 
 
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    return value
+
+
 def file_attrs(path: "str | Path") -> dict:
     """The file's attributes (calofast writes model, sampler, steps, seed, nfe, clipped_showers) as plain values."""
     with _open(Path(path)) as f:
-        return {k: (v.item() if hasattr(v, "item") else v.decode() if isinstance(v, bytes) else v)
-                for k, v in f.attrs.items()}
+        return {k: _plain(v) for k, v in f.attrs.items()}
 
 
 def check_values(path: "str | Path", energies: np.ndarray, showers: np.ndarray, first: int = 0) -> None:
