@@ -141,7 +141,7 @@ class Bundle:
 
 def stage_network(config: Config, transform: ShowerTransform, k: int) -> nn.Module:
     """The raw network of stage k: the energy stage from `config.energy`, the main stage from `config`."""
-    net_cfg = config.energy.network if transform.stages[k] == "energy" else config.network
+    net_cfg, _, _ = config.stage(transform.stages[k])
     return build_network(net_cfg, transform.geometry, transform.cond_dims[k], transform.stage_shapes[k])
 
 

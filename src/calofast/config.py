@@ -117,9 +117,11 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     energy: StageConfig = field(default_factory=StageConfig)
 
-    @property
-    def factorised(self) -> bool:
-        return self.transform.kind == "layer"
+    def stage(self, name: str) -> tuple[NetworkConfig, DiffusionConfig, TrainConfig]:
+        """(network, diffusion, train) of a stage: the energy stage's from `energy`, the main stage's from here."""
+        if name == "energy":
+            return self.energy.network, self.energy.diffusion, self.energy.train
+        return self.network, self.diffusion, self.train
 
 
 _TINY_TRAIN = TrainConfig(showers=2_000, batch_size=32, lr=2e-3, warmup_showers=200, ema_halflife_showers=1_000,

@@ -22,17 +22,12 @@ from typing import Callable, Iterable
 import torch
 
 from .geometry import Geometry
-from .transforms import MAX_RESPONSE, ShowerTransform, _Moments
+from .transforms import MAX_RESPONSE, Moments, ShowerTransform, drop_below, logit
 
 __all__ = ["FactorisedTransform", "fit_factorised"]
 
 LAYER_FLOOR = 1e-8          # log10(E_l / E_inc + LAYER_FLOOR) in the shape condition: empty layers at -8
 VOXEL_MIN_STD = 1.0         # per-voxel std floor (logit units): a rarely hit voxel must not blow up to 1e3
-
-
-def _logit(u: torch.Tensor, alpha: float) -> torch.Tensor:
-    p = alpha + (1 - 2 * alpha) * u
-    return torch.log(p) - torch.log1p(-p)
 
 
 def _unlogit(y: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -99,8 +94,7 @@ class FactorisedTransform(ShowerTransform):
         """[B, V] -> thresholded [B, L, A*R] float64."""
         L = self.geometry.grid_shape[0]
         e = showers.double().clamp_min(0)
-        e = torch.where(e < self.geometry.threshold_mev, torch.zeros_like(e), e)
-        return e.reshape(e.shape[0], L, -1)
+        return drop_below(e, self.geometry.threshold_mev).reshape(e.shape[0], L, -1)
 
     def _layer_cond(self, layer_e: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
         dtype = layer_e.dtype
@@ -111,15 +105,15 @@ class FactorisedTransform(ShowerTransform):
         """Energy code [B, L] -> layer energies [B, L] MeV; layers under the threshold are empty."""
         y = torch.nan_to_num(x_e.to(dtype), 0.0, 0.0, 0.0) * self.e_std.to(dtype) + self.e_mean.to(dtype)
         layer_e = layer_energies(_unlogit(y, self.alpha), energies.to(dtype))
-        return torch.where(layer_e < self.geometry.threshold_mev, torch.zeros_like(layer_e), layer_e)
+        return drop_below(layer_e, self.geometry.threshold_mev)
 
     def _raw_codes(self, showers: torch.Tensor, energies: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Unstandardised codes: (energy logits [B, L], layer log-energies [B, L], voxel logits [B, V])."""
         g = self._layers(showers)
         layer_e = g.sum(-1)
-        y_e = _logit(energy_fractions(layer_e, energies.double()), self.alpha)
+        y_e = logit(energy_fractions(layer_e, energies.double()), self.alpha)
         frac = torch.where(layer_e[..., None] > 0, g / layer_e[..., None].clamp_min(1e-300), torch.zeros_like(g))
-        return y_e, self._layer_cond(layer_e, energies), _logit(frac, self.alpha).reshape(g.shape[0], -1)
+        return y_e, self._layer_cond(layer_e, energies), logit(frac, self.alpha).reshape(g.shape[0], -1)
 
     def encode(self, showers: torch.Tensor, energies: torch.Tensor) -> list[torch.Tensor]:
         """[B, V] MeV -> [energy code [B, L], shape code [B, 1, L, A, R]], float32."""
@@ -149,8 +143,7 @@ class FactorisedTransform(ShowerTransform):
         e = layer_e * p / p.sum(-1, keepdim=True)
         p = p * ((e >= thr) | (e == e.amax(-1, keepdim=True)))
         e = layer_e * p / p.sum(-1, keepdim=True).clamp_min(1e-30)
-        e = torch.where(e < thr, torch.zeros_like(e), e)
-        return e.reshape(e.shape[0], -1).float(), clipped
+        return drop_below(e, thr).reshape(e.shape[0], -1).float(), clipped
 
 
 def fit_factorised(geometry: Geometry, stream: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -159,7 +152,7 @@ def fit_factorised(geometry: Geometry, stream: Iterable[tuple[torch.Tensor, torc
     L = geometry.grid_shape[0]
     zeros, ones = torch.zeros(L, dtype=torch.float64), torch.ones(L, dtype=torch.float64)
     probe = FactorisedTransform(geometry, alpha, zeros, ones, zeros, ones, 0.0, 1.0, 1.0, 2.0)   # identity scalings
-    m_e, m_c, m_v = _Moments(), _Moments(), _Moments()
+    m_e, m_c, m_v = Moments(), Moments(), Moments()
     for energies, showers in stream:
         y_e, y_c, y_s = probe._raw_codes(showers, energies)
         m_e.add(y_e, True)

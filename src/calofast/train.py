@@ -250,10 +250,6 @@ def load_training_data(path: "str | Path", transform: ShowerTransform, max_event
     return data
 
 
-def _stage_settings(config: Config, name: str):
-    return (config.energy.diffusion, config.energy.train) if name == "energy" else (config.diffusion, config.train)
-
-
 def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", *, preset: str = "") -> Path:
     """`calofast train`: fit the transform, build each stage's denoiser, train, write `model.safetensors`."""
     d = setup_distributed()
@@ -280,7 +276,7 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
     single = len(transform.stages) == 1
     stages: list[Stage] = []
     for k, name in enumerate(transform.stages):
-        diffusion, train_cfg = _stage_settings(config, name)
+        _, diffusion, train_cfg = config.stage(name)
         x0, cond = data[k]
         sigma_data = float(x0.std())
         param = build_parameterisation(diffusion, sigma_data)

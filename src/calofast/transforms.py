@@ -26,13 +26,24 @@ from torch import nn
 from .geometry import Geometry
 
 __all__ = ["ShowerTransform", "Transform", "fit_transform", "transform_from_spec", "TransformKind",
-           "MAX_RESPONSE", "bound_showers"]
+           "MAX_RESPONSE", "bound_showers", "logit", "drop_below", "Moments"]
 
 TransformKind = Literal["log1p", "logit", "layer"]
 Standardise = Literal["global", "voxel"]
 # The most energy a shower may hold, in units of its incident energy (GFlash DS2: E_tot/E_inc <= 1.31 in
 # 300,000 showers). A generated shower above it is scaled down to it and counted as clipped.
 MAX_RESPONSE = 2.0
+
+
+def logit(u: torch.Tensor, alpha: float) -> torch.Tensor:
+    """logit(alpha + (1 - 2 alpha) u): u in [0, 1] to a finite code (0 -> logit(alpha))."""
+    p = alpha + (1 - 2 * alpha) * u
+    return torch.log(p) - torch.log1p(-p)
+
+
+def drop_below(e: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Energies under the threshold set to 0 (the CaloChallenge voxel cut)."""
+    return torch.where(e < threshold, torch.zeros_like(e), e)
 
 
 def bound_showers(e: torch.Tensor, energies: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +56,7 @@ def bound_showers(e: torch.Tensor, energies: torch.Tensor, threshold: float) -> 
     total = e.sum(dim=1)
     clipped = ~finite.all(dim=1) | (total > bound)
     e = e * torch.where(total > bound, bound / total.clamp_min(1e-30), torch.ones_like(total))[:, None]
-    return torch.where(e < threshold, torch.zeros_like(e), e), clipped
+    return drop_below(e, threshold), clipped
 
 
 class ShowerTransform(nn.Module):
@@ -140,9 +151,7 @@ class Transform(ShowerTransform):
         e = showers.double().clamp_min(0)
         if self.kind == "log1p":
             return torch.log1p(e / self.scale)
-        u = (e / energies.double().reshape(-1, 1)).clamp(0, 1)
-        p = self.alpha + (1 - 2 * self.alpha) * u
-        return torch.log(p) - torch.log1p(-p)
+        return logit((e / energies.double().reshape(-1, 1)).clamp(0, 1), self.alpha)
 
     def encode(self, showers: torch.Tensor, energies: torch.Tensor) -> list[torch.Tensor]:
         """[B, V] MeV -> [[B, 1, L, A, R]] float32 network input."""
@@ -167,7 +176,7 @@ class Transform(ShowerTransform):
         return e.float(), clipped
 
 
-class _Moments:
+class Moments:
     """Running sums for means and standard deviations per position (float64)."""
 
     def __init__(self):
@@ -217,7 +226,7 @@ def fit_transform(geometry: Geometry, batches: Iterable[tuple[np.ndarray, np.nda
         from .factorised import fit_factorised
         return fit_factorised(geometry, stream, e_range, alpha, standardise)
     t = Transform(geometry, kind, scale or geometry.threshold_mev or 1.0, alpha)
-    moments = _Moments()
+    moments = Moments()
     for energies, showers in stream:
         moments.add(t._pre(showers, energies), standardise == "voxel")
     mean, std = moments.result()
