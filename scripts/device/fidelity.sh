@@ -29,6 +29,8 @@ data() {
   local workers=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))
   [ -f $W/train.h5 ] || quiet cf gflash --geometry ds2 --n $N_TRAIN --seed 7 --workers $workers --chunk 2000 --no-compress -o $W/train.h5
   [ -f $W/ref.h5 ] || quiet cf gflash --geometry ds2 --n $N_REF --seed 1001 --workers $workers --chunk 1000 --no-compress -o $W/ref.h5
+  # The floor: independent GFlash showers against the reference (row gflash-floor of every table).
+  [ -f $W/gen/gflash-floor.h5 ] || quiet cf gflash --geometry ds2 --n $N_REF --seed 2002 --workers $workers --chunk 1000 --no-compress -o $W/gen/gflash-floor.h5
   stamp "data ready"
 }
 
@@ -97,7 +99,7 @@ case "$PHASE" in
     { quiet python scripts/device/generate_rows.py --model $W/main/model.safetensors --reference $W/ref.h5 --out $W/gen \
         --n $N_REF --compile $ROWS; for name in $ABL; do gen32 $name; done; } &
     gen_pid=$!
-    labels="$ABL $(for r in $ROWS; do echo -n "${r%%=*} "; done)"
+    labels="gflash-floor $ABL $(for r in $ROWS; do echo -n "${r%%=*} "; done)"
     jobs_max=${EVAL_JOBS:-4}; deadline=${DEADLINE:-570}; pending=$labels
     while [ -n "$pending" ] && [ $(( $(date +%s) - t0 )) -lt $deadline ]; do
       next=""
