@@ -125,3 +125,26 @@ def test_cli_bench_counts_the_main_stage_and_records_every_stage(factorised, tmp
     rows = list(csv.DictReader(open(out)))
     assert [int(r["batch"]) for r in rows] == [1, 3] and all(int(r["nfe"]) == 2 for r in rows)
     assert all(json.loads(r["nfe_stages"]) == {"energy": 7, "shape": 2} for r in rows)
+
+
+def test_train_init_continues_from_the_bundle(factorised, tmp_path, capsys):
+    """`train --init`: both stages start from the bundle's weights with its transform (lr 0 keeps them exactly),
+    the showers add up, the parent is recorded; changing what the weights mean is refused in one line."""
+    path, tmp = factorised
+    data = str(tiny_data(tmp))
+    args = ["train", "--data", data, "--init", str(path), "--set", "train.lr=0", "--set", "energy.train.lr=0",
+            "--set", "train.showers=64", "--set", "energy.train.showers=512"]
+    assert main(args + ["-o", str(tmp_path / "cont")]) == 0
+    a, b = load_bundle(path), load_bundle(tmp_path / "cont/model.safetensors")
+    for sa, sb in zip(a.stages, b.stages):
+        for (k, va), vb in zip(sa.denoiser.state_dict().items(), sb.denoiser.state_dict().values()):
+            assert torch.equal(va, vb), k
+    for k, v in a.transform.constants().items():
+        assert torch.equal(v, b.transform.constants()[k])
+    assert int(b.meta["train_events_seen"]) == int(a.meta["train_events_seen"]) + 64
+    assert b.meta["parent"] == a.meta["tensors_sha256"] and b.config.network == a.config.network
+    capsys.readouterr()
+    assert main(args + ["--set", "network.width=48", "-o", str(tmp_path / "bad")]) == 2
+    assert "network differs" in capsys.readouterr().err
+    assert main(args + ["--preset", "tiny", "-o", str(tmp_path / "bad2")]) == 2
+    assert not (tmp_path / "bad/model.safetensors").exists()

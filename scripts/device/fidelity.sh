@@ -4,7 +4,8 @@
 #             factorised model (preset ds2-factorised): energy stage E_S s, shape stage S_S s (compiled), fp16 bundle.
 #   ablation  equal-budget rows, one after another, each ABL_S s of training alone on the GPU (eager, same data),
 #             then 50,000 showers of each with DPM-Solver++(2M) at 32 NFE while time is left (else in evaluate).
-#   evaluate  the main model's rows (ROWS: label=sampler:steps), generated in one compiled process, and every
+#   continue  more training of the shipped (or carried) ds2-factorised bundle: train --init, fresh schedule.
+#   evaluate  the main model's rows (MODEL=cont: the continued run's) (ROWS: label=sampler:steps), generated in one compiled process, and every
 #             generated file evaluated with the full protocol against the reference, EVAL_JOBS at a time.
 #   bash scripts/device/fidelity.sh PHASE          (on the device machine, from the repository root)
 # Work lives in runs/device and is kept while the machine stays warm; each phase rebuilds what is missing
@@ -74,6 +75,18 @@ case "$PHASE" in
     train_run main ds2-factorised "${E_S:-40}" "${S_S:-400}" true
     bring_back $W/main/model.safetensors ds2-factorised.safetensors
     ;;
+  continue)     # more training of the shipped model (train --init): fresh cosine, E_S s energy, S_S s shape
+    data
+    init=$( [ -f .carry/ds2-factorised.safetensors ] && echo .carry || echo src/calofast/models)/ds2-factorised.safetensors
+    quiet cf train --data $W/train.h5 --init "$init" -o $W/cont --set train.showers=1000000000 \
+      --set train.budget_seconds="${S_S:-370}" --set train.lr="${LR:-3e-4}" --set train.warmup_showers=200000 \
+      --set energy.train.showers=1000000000 --set energy.train.budget_seconds="${E_S:-45}" --set energy.train.lr=5e-4 \
+      --set energy.train.warmup_showers=400000 --set train.compile=true --set train.checkpoint_showers=4000000 \
+      ${SMOKE_SET:-} > $W/logs/cont.log 2>&1
+    stamp "cont trained: $(tail -1 $W/cont/shape/stats.jsonl)"
+    (cd $W && cp --parents cont/config.json cont/*/stats.jsonl "$X/"); cp $W/logs/cont.log "$X/"
+    bring_back $W/cont/model.safetensors ds2-factorised.safetensors
+    ;;
   ablation)
     data
     B=${ABL_S:-120}
@@ -91,12 +104,13 @@ case "$PHASE" in
     ;;
   evaluate)
     data
-    if [ ! -f $W/main/model.safetensors ]; then      # a fresh machine: the carried or the shipped bundle
-      mkdir -p $W/main; cp "$( [ -f .carry/ds2-factorised.safetensors ] && echo .carry || echo src/calofast/models)/ds2-factorised.safetensors" $W/main/model.safetensors
+    M=${MODEL:-main}                                 # the run folder whose bundle the ROWS use
+    if [ ! -f $W/$M/model.safetensors ]; then        # a fresh machine: the carried or the shipped bundle
+      mkdir -p $W/$M; cp "$( [ -f .carry/ds2-factorised.safetensors ] && echo .carry || echo src/calofast/models)/ds2-factorised.safetensors" $W/$M/model.safetensors
     fi
     ROWS=${ROWS:-"main-ode8=dpmpp-2m:8 main-ode16=dpmpp-2m:16 main-ode32=dpmpp-2m:32 main-ode64=dpmpp-2m:64 main-heun32=heun:32 main-sde64=dpmpp-2m-sde:64"}
     ABL=$(cd $W && ls -d abl-* 2>/dev/null)
-    { quiet python scripts/device/generate_rows.py --model $W/main/model.safetensors --reference $W/ref.h5 --out $W/gen \
+    { quiet python scripts/device/generate_rows.py --model $W/$M/model.safetensors --reference $W/ref.h5 --out $W/gen \
         --n $N_REF --compile $ROWS; for name in $ABL; do gen32 $name; done; } &
     gen_pid=$!
     labels="gflash-floor $ABL $(for r in $ROWS; do echo -n "${r%%=*} "; done)"
@@ -120,7 +134,7 @@ case "$PHASE" in
       stamp "deadline: stopping $(jobs -rp | wc -l) jobs"; kill $(jobs -rp) 2>/dev/null; cp $W/logs/eval-*.log "$X/" 2>/dev/null
     fi
     ;;
-  *) echo "usage: $0 train|ablation|evaluate"; exit 2 ;;
+  *) echo "usage: $0 train|continue|ablation|evaluate"; exit 2 ;;
 esac
 cat $W/gen/*.json 2>/dev/null > "$X/generation.jsonl"
 tar czf "$OUTABS/results-$PHASE.tgz" -C "$X" .

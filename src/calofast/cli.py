@@ -59,8 +59,17 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from .config import apply_overrides, get_preset
     from .train import train_model
-    cfg = apply_overrides(get_preset(a.preset), a.set or [])
-    path = train_model(cfg, a.data, a.output, preset=a.preset)
+    if a.init is not None and a.preset is not None:
+        raise ValueError("--init continues a bundle with its own config: give --set train.* options, not --preset")
+    if a.init is not None:
+        from .checkpoint import load_bundle
+        start = load_bundle(a.init)
+        base, preset = start.config, start.meta.get("preset", "")
+    else:
+        preset = a.preset or "ds2-unet"
+        base = get_preset(preset)
+    cfg = apply_overrides(base, a.set or [])
+    path = train_model(cfg, a.data, a.output, preset=preset, init=a.init)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"bundle: {path}")
     return 0
@@ -237,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a denoiser on a CaloChallenge file. Resumes when re-run with the "
                        "same output folder. Multi-GPU: torchrun --nproc-per-node N -m calofast train ...")
     t.add_argument("--data", required=True, help="training file (CaloChallenge HDF5)")
-    t.add_argument("--preset", default="ds2-unet", help="named config (tiny, ds2-unet, ds2-edm, ds2-transformer, ...)")
+    t.add_argument("--preset", help="named config (tiny, ds2-unet, ds2-factorised, ...; default ds2-unet)")
+    t.add_argument("--init", help="continue from this bundle's weights, transform and config (fresh optimiser "
+                   "and schedule from its train.* options and --set)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4 (repeatable)")
     t.add_argument("-o", "--output", required=True, help="run folder (config.json, stats.jsonl, model.safetensors)")
     t.set_defaults(func=cmd_train)

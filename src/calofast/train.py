@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import Stage, file_sha256, load_state, save_bundle, save_state, stage_network
+from .checkpoint import Bundle, Stage, file_sha256, load_bundle, load_state, save_bundle, save_state, stage_network
 from .config import Config, TrainConfig, dumps
 from .data import inspect_file, iter_showers
 from .diffusion import Preconditioned, build_parameterisation, denoising_loss
@@ -250,13 +250,32 @@ def load_training_data(path: "str | Path", transform: ShowerTransform, max_event
     return data
 
 
-def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", *, preset: str = "") -> Path:
-    """`calofast train`: fit the transform, build each stage's denoiser, train, write `model.safetensors`."""
+def _check_init(config: Config, init: Bundle) -> None:
+    """Continuing from a bundle keeps what its weights and constants mean: only training options may change."""
+    base = init.config
+    for part in ("geometry", "network", "transform", "diffusion"):
+        if getattr(config, part) != getattr(base, part):
+            raise ValueError(f"--init {init.path}: {part} differs from the bundle's ({getattr(base, part)}); "
+                             "only train.* options may change when continuing")
+    if (config.energy.network, config.energy.diffusion) != (base.energy.network, base.energy.diffusion):
+        raise ValueError(f"--init {init.path}: the energy stage's network or diffusion differs from the bundle's")
+
+
+def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", *, preset: str = "",
+                init: "str | Path | None" = None) -> Path:
+    """`calofast train`: fit the transform, build each stage's denoiser, train, write `model.safetensors`.
+
+    With `init` (a bundle), training continues from that bundle's (EMA) weights with its transform and
+    parameterisation and a fresh optimiser and schedule from `config.train`; the new bundle counts the
+    bundle's showers in its `train_events_seen` and names it as its parent."""
     d = setup_distributed()
     run_dir = Path(run_dir)
+    start = load_bundle(init, d.device) if init else None
+    if start is not None:
+        _check_init(config, start)
     geometry = get_geometry(config.geometry)
     info = inspect_file(data_path, geometry)
-    cfg_text = dumps(config)
+    cfg_text = dumps(config) + (f"\ninit {start.meta['tensors_sha256']}\n" if start is not None else "")
     cfg_path = run_dir / "config.json"
     if cfg_path.exists() and cfg_path.read_text() != cfg_text and \
             any((run_dir / sub / "state.pt").exists() for sub in (".", "energy", "shape")):
@@ -267,29 +286,36 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
         cfg_path.write_text(cfg_text)
     n_fit = min(info.n_events, config.train.max_events or info.n_events, 20_000)
     tc = config.transform
-    transform = fit_transform(geometry, iter_showers(data_path, 5000, geometry=geometry, stop=n_fit),
-                              tc.kind, tc.scale_mev or None, tc.alpha, tc.standardise)
+    transform = start.transform if start is not None else \
+        fit_transform(geometry, iter_showers(data_path, 5000, geometry=geometry, stop=n_fit),
+                      tc.kind, tc.scale_mev or None, tc.alpha, tc.standardise)
     data = load_training_data(data_path, transform, config.train.max_events, d.device)
     data_meta = [{"name": Path(data_path).name, "bytes": Path(data_path).stat().st_size,
                   "events": int(data[0][0].shape[0]), "sha256": file_sha256(data_path) if d.main else ""}]
     bundle_path = run_dir / "model.safetensors"
     single = len(transform.stages) == 1
+    before = int(start.meta.get("train_events_seen", 0)) if start is not None else 0
     stages: list[Stage] = []
     for k, name in enumerate(transform.stages):
         _, diffusion, train_cfg = config.stage(name)
         x0, cond = data[k]
         sigma_data = float(x0.std())
-        param = build_parameterisation(diffusion, sigma_data)
-        torch.manual_seed(train_cfg.seed + k)
-        denoiser = Preconditioned(stage_network(config, transform, k), param)
+        if start is not None:
+            denoiser = start.stages[k].denoiser.train().requires_grad_(True)
+            param = denoiser.param
+        else:
+            param = build_parameterisation(diffusion, sigma_data)
+            torch.manual_seed(train_cfg.seed + k)
+            denoiser = Preconditioned(stage_network(config, transform, k), param)
         sampler = {"name": config.energy.sampler, "steps": config.energy.steps} if name == "energy" else None
         last = k == len(transform.stages) - 1
 
         def write_bundle(ema: nn.Module, shown: int, name=name, sampler=sampler, last=last, sd=sigma_data) -> None:
             if last:                          # earlier stages are finished by now; the bundle needs them all
                 save_bundle(bundle_path, stages + [Stage(name, ema, sampler)], transform, config,
-                            train_seed=config.train.seed, events_seen=shown, data=data_meta,
-                            extra={"preset": preset, "sigma_data_measured": sd},
+                            train_seed=config.train.seed, events_seen=shown + before, data=data_meta,
+                            parent=start.meta["tensors_sha256"] if start is not None else None,
+                            extra={"preset": preset, "sigma_data_measured": sd, "continued_from_events": before},
                             weights_dtype=config.train.bundle_dtype)
 
         loss = lambda model, x, c, g, param=param: denoising_loss(model, param, x, c, g)
