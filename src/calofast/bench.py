@@ -31,8 +31,8 @@ def hardware(device: torch.device) -> str:
 
 
 def bench(bundle: Bundle, sampler: str | None, steps: int | None, batch_sizes=(1, 100, 10_000), repeats: int = 10,
-          bf16: bool = False, label: str = "", seed: int = 0) -> list[dict]:
-    """One row per batch size."""
+          bf16: bool = False, label: str = "", seed: int = 0, knobs: dict | None = None) -> list[dict]:
+    """One row per batch size (`knobs`: the main stage's sampler options, e.g. eta)."""
     device = next(bundle.denoiser.parameters()).device
     name, n_steps, sigmas = resolve_sampler(bundle, sampler, steps)
     lo, hi = bundle.transform.energy_range
@@ -45,7 +45,7 @@ def bench(bundle: Bundle, sampler: str | None, steps: int | None, batch_sizes=(1
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             _, nfe, _ = sample_batch(bundle, energies, seed, range(b), sampler=name, steps=n_steps, sigmas=sigmas,
-                                     bf16=bf16)
+                                     bf16=bf16, knobs=knobs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             return time.perf_counter() - t0, nfe

@@ -175,6 +175,20 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(a: argparse.Namespace) -> int:
+    from .study import study
+    shard = None
+    if a.shard:
+        k, _, n = a.shard.partition("/")
+        if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+            raise ValueError(f"--shard {a.shard}: expected K/N with 0 <= K < N")
+        shard = (int(k), int(n))
+    if a.eval_jobs < 0 or a.deadline < 0 or a.workers < 1:
+        raise ValueError("--eval-jobs and --deadline must be >= 0 and --workers >= 1")
+    return study(a.plan, a.output, device=a.device, shard=shard, table_only=a.table_only, fast=a.fast,
+                 eval_jobs=a.eval_jobs, deadline=a.deadline, keep_showers=a.keep_showers, workers=a.workers)
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     """GFlash truth -> shipped model through a few-step sampler -> CaloChallenge evaluation -> report."""
     import numpy as np
@@ -327,6 +341,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--force", action="store_true")
     ex.add_argument("-o", "--output", required=True)
     ex.set_defaults(func=cmd_export)
+
+    st = sub.add_parser("study", help="generate, time and evaluate every row of a plan; one table and plot",
+                        description="Run a study plan (TOML: [reference], [defaults], [[rows]]; see studies/): "
+                        "each row generated in chunks, timed, evaluated against the reference; writes DIR/table.csv, "
+                        "table.md, pareto.png, index.html. Re-run the same command to resume. Exit 3: a deadline "
+                        "left rows unfinished.")
+    st.add_argument("plan", type=Path)
+    st.add_argument("-o", "--output", required=True, type=Path, help="study folder (resumed if it exists)")
+    st.add_argument("--device", default="cpu", help="cpu or cuda (every visible GPU: one shard each)")
+    st.add_argument("--fast", action="store_true", help="small classifier and fewer bootstraps (smoke runs only)")
+    st.add_argument("--eval-jobs", type=int, default=0, help="evaluations in this many worker processes "
+                    "while the next row generates (default 0: in turn)")
+    st.add_argument("--deadline", type=float, default=0, help="stop starting work after this many seconds")
+    st.add_argument("--workers", type=int, default=1, help="processes for GFlash reference showers")
+    st.add_argument("--keep-showers", action="store_true", help="keep each row's showers.h5 after evaluation")
+    st.add_argument("--table-only", action="store_true", help="only rewrite the table, plot and index")
+    st.add_argument("--shard", help="K/N: run rows K, K+N, ... only (one process per GPU; no table)")
+    st.set_defaults(func=cmd_study)
 
     d = sub.add_parser("demo", help="the main job: GFlash truth, shipped model, evaluation report",
                        description="Simulate fresh GFlash DS2 truth, generate the same events with a shipped model "

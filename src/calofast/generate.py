@@ -163,10 +163,12 @@ class GenerateStats:
 def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray, *, seed: int = 0,
                   sampler: str | None = None, steps: int | None = None, batch_size: int = 1000,
                   bf16: bool = False, force: bool = False, knobs: dict | None = None,
-                  progress: bool = True) -> GenerateStats:
+                  progress: bool = True, first_event: int = 0) -> GenerateStats:
     """Write len(energies_mev) showers to a CaloChallenge file, batch by batch (atomic, --force aware).
 
-    The file's attributes record model, sampler, steps, seed, NFE per stage and the clipped-shower count."""
+    Shower k of the file is event `first_event + k` of the seed's stream, so files of consecutive ranges
+    hold exactly the events of one file of the whole range. The file's attributes record model, sampler,
+    steps, seed, first event, NFE per stage and the clipped-shower count."""
     from tqdm import tqdm
 
     from .data import ShowerWriter
@@ -180,21 +182,22 @@ def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray
     n, nfe, t_sampling, clipped = len(energies_mev), {}, 0.0, 0
     device = next(bundle.denoiser.parameters()).device
     attrs = {"generator": "calofast", "model": bundle.path.name if bundle.path else "", "sampler": name,
-             "steps": n_steps, "seed": seed}
+             "steps": n_steps, "seed": seed, "first_event": first_event}
     with ShowerWriter(output, bundle.geometry.n_voxels, force=force, attrs=attrs) as writer, \
             tqdm(total=n, unit="shower", desc=f"{name} x{n_steps}", disable=not progress) as bar:
         for lo in range(0, n, batch_size):
-            idx = range(lo, min(lo + batch_size, n))
+            hi = min(lo + batch_size, n)
+            idx = range(first_event + lo, first_event + hi)
             t0 = time.perf_counter()
-            showers, nfe, bad = sample_batch(bundle, torch.from_numpy(energies_mev[lo:idx.stop]), seed, idx,
+            showers, nfe, bad = sample_batch(bundle, torch.from_numpy(energies_mev[lo:hi]), seed, idx,
                                              sampler=name, steps=n_steps, sigmas=sigmas, bf16=bf16, knobs=knobs)
             showers = showers.cpu().numpy()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t_sampling += time.perf_counter() - t0
             clipped += int(bad.sum())
-            writer.write(energies_mev[lo:idx.stop], showers)
-            bar.update(len(idx))
+            writer.write(energies_mev[lo:hi], showers)
+            bar.update(hi - lo)
         writer.attrs.update({"nfe": json.dumps(nfe), "clipped_showers": clipped})
     if clipped:
         log.warning("%d of %d showers had to be clipped (non-finite or above %.1f x E_inc)", clipped, n, MAX_RESPONSE)

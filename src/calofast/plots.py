@@ -11,7 +11,7 @@ import numpy as np
 from .geometry import Geometry
 from .metrics.features import FileFeatures
 
-__all__ = ["plot_summary", "plot_histograms", "plot_mean_showers", "plot_response", "plot_quality_vs_nfe",
+__all__ = ["plot_summary", "plot_histograms", "plot_mean_showers", "plot_response", "plot_pareto",
            "plot_training"]
 
 
@@ -184,27 +184,35 @@ def plot_response(ref: FileFeatures, gen: FileFeatures, out: "str | Path", bins:
     return _save(fig, out, dpi=100)
 
 
-def plot_quality_vs_nfe(rows: list[dict], out: "str | Path", metric: str = "auc_low") -> Path:
-    """Quality versus NFE (and time per shower if given) for several samplers / students.
+def plot_pareto(rows: list[dict], out: "str | Path", floor: dict | None = None, title: str = "") -> Path:
+    """Quality against cost for every row of a study: AUC low, AUC high and FPD (columns) against NFE and
+    against ms per shower (rows), one marker per row, coloured by family, the GFlash-vs-GFlash floor dashed.
 
-    rows: dicts with 'label', 'family', 'nfe', the metric and optionally 'ms_per_shower'.
-    """
+    rows: dicts with 'label', 'family', 'nfe', 'auc_low', 'auc_high', 'fpd_x1e3' and optionally 'ms_per_shower'."""
     plt = _plt()
-    has_time = any(r.get("ms_per_shower") for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_time else 1, figsize=(12 if has_time else 7, 5), squeeze=False)
-    families = sorted({r["family"] for r in rows})
-    colors = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
-    for k, xkey in enumerate(["nfe", "ms_per_shower"][: 2 if has_time else 1]):
-        ax = axes[0, k]
-        for fam in families:
-            pts = sorted((r[xkey], r[metric]) for r in rows if r["family"] == fam and r.get(xkey) and r.get(metric) is not None)
-            if pts:
-                ax.plot(*zip(*pts), "o-", color=colors[fam], label=fam)
-        ax.set(xscale="log", xlabel="NFE" if xkey == "nfe" else "ms per shower (GPU)", ylabel=metric)
-        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    return _save(fig, out, dpi=110)
+    xs = [("nfe", "NFE (main stage)")] + ([("ms_per_shower", "ms per shower")] if any(r.get("ms_per_shower") for r in rows) else [])
+    metrics = [("auc_low", "AUC (voxels)"), ("auc_high", "AUC (high-level)"), ("fpd_x1e3", "FPD x 1e3")]
+    fig, axes = plt.subplots(len(xs), 3, figsize=(15, 4.2 * len(xs)), squeeze=False)
+    families = sorted({r.get("family") or "" for r in rows})
+    colors = dict(zip(families, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
+    for i, (xkey, xlabel) in enumerate(xs):
+        for j, (mkey, mlabel) in enumerate(metrics):
+            ax = axes[i, j]
+            for fam in families:
+                pts = sorted((r[xkey], r[mkey], r["label"]) for r in rows if (r.get("family") or "") == fam
+                             and r.get(xkey) and r.get(mkey) is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[fam], label=fam or None, ms=4)
+                    for x, y, label in pts:
+                        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            if floor is not None and floor.get(mkey) is not None:
+                ax.axhline(floor[mkey], color="k", ls="--", lw=0.9, label="GFlash vs GFlash")
+            ax.set(xscale="log", xlabel=xlabel, ylabel=mlabel, yscale="log" if mkey == "fpd_x1e3" else "linear")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out, dpi=100)
 
 
 def plot_training(stats_jsonl: "str | Path", out: "str | Path") -> Path:

@@ -1,0 +1,363 @@
+"""`calofast study PLAN.toml -o DIR`: many methods on one table and one plot, resumable.
+
+A plan names a reference (a file, or GFlash showers made here) and rows (model, sampler, steps, sampler
+options). For every row the study generates the reference's incident energies in chunks, joins them,
+times the sampler with the timing protocol (`bench`), evaluates against the reference (full protocol, or
+`--fast`), and finally writes `table.csv`, `table.md`, `pareto.png` and `index.html` (links to each row's
+report). Layout: `DIR/reference.h5`, `DIR/rows/LABEL/{row.json, chunks/, showers.h5, generation.json,
+eval/metrics.json, eval/report.html}`. Every step is skipped when its output exists, so a killed study
+re-run with the same command resumes (at worst it redoes the chunk or evaluation that was cut off).
+Evaluations can run in `eval_jobs` worker processes (each prepares the reference once) while the main
+process generates the next row; `shard=(k, n)` runs rows k, k+n, ... (one process per GPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import tomllib
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from .data import ShowerWriter, file_attrs, inspect_file, iter_showers, read_showers
+from .geometry import Geometry, get_geometry
+
+__all__ = ["Row", "Plan", "load_plan", "run_study", "study", "FLOOR"]
+
+FLOOR = "gflash-floor"
+_ROW_KEYS = {"label", "model", "sampler", "steps", "knobs", "family", "seed", "batch_size", "dtype", "compile"}
+_TOP_KEYS = {"name", "geometry", "reference", "defaults", "rows", "chunk", "timing_repeats"}
+_REF_KEYS = {"file", "gflash_seed", "energies", "n", "floor_seed"}
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    model: str
+    sampler: str | None = None
+    steps: int | None = None
+    knobs: dict = field(default_factory=dict)
+    family: str = ""
+    seed: int = 1
+    batch_size: int = 10_000
+    dtype: str = "auto"          # bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+
+    def spec(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("family",)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: Path
+    name: str
+    rows: list[Row]
+    n: int                                # events per row (= reference events used)
+    geometry: str = ""                    # preset or XML; default: the first row's model's
+    ref_file: Path | None = None
+    gflash_seed: int = 1001
+    energies: str = "log-uniform:1GeV:1TeV"
+    floor_seed: int | None = None         # a GFlash-vs-GFlash row with this seed
+    chunk: int = 10_000
+    timing_repeats: int = 3
+
+
+def _fail(path: Path, msg: str) -> ValueError:
+    return ValueError(f"{path}: {msg}")
+
+
+def load_plan(path: "str | Path") -> Plan:
+    """Read and check a plan; every problem is one line naming the file and the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise _fail(path, "no such plan file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise _fail(path, f"not a valid TOML plan ({err})") from None
+    if bad := set(raw) - _TOP_KEYS:
+        raise _fail(path, f"unknown key(s) {', '.join(sorted(bad))} (allowed: {', '.join(sorted(_TOP_KEYS))})")
+    ref = raw.get("reference", {})
+    if not isinstance(ref, dict) or (bad := set(ref) - _REF_KEYS):
+        raise _fail(path, f"[reference]: unknown key(s) {', '.join(sorted(bad)) if isinstance(ref, dict) else ref}")
+    if "n" not in ref or not isinstance(ref["n"], int) or ref["n"] < 2:
+        raise _fail(path, "[reference] needs n, the number of events (an integer >= 2)")
+    defaults = raw.get("defaults", {})
+    rows, seen = [], set()
+    for k, r in enumerate(raw.get("rows", [])):
+        merged = {**defaults, **r}
+        where = f"rows[{k}]" + (f" ({merged.get('label')})" if "label" in merged else "")
+        if bad := set(merged) - _ROW_KEYS:
+            raise _fail(path, f"{where}: unknown key(s) {', '.join(sorted(bad))} (allowed: {', '.join(sorted(_ROW_KEYS))})")
+        for key in ("label", "model"):
+            if key not in merged:
+                raise _fail(path, f"{where}: needs {key}")
+        label = str(merged["label"])
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", label) or label == FLOOR:
+            raise _fail(path, f"{where}: label {label!r} must be letters, digits, '.', '_', '-' (and not {FLOOR})")
+        if label in seen:
+            raise _fail(path, f"{where}: label {label!r} is used twice")
+        seen.add(label)
+        if merged.get("steps") is not None and (not isinstance(merged["steps"], int) or merged["steps"] < 1):
+            raise _fail(path, f"{where}: steps must be a positive integer")
+        if merged.get("dtype", "auto") not in ("auto", "bf16", "fp32"):
+            raise _fail(path, f"{where}: dtype must be auto, bf16 or fp32")
+        if not isinstance(merged.get("batch_size", 1), int) or merged.get("batch_size", 1) < 1:
+            raise _fail(path, f"{where}: batch_size must be a positive integer")
+        rows.append(Row(**merged))
+    if not rows:
+        raise _fail(path, "no [[rows]]")
+    chunk, reps = raw.get("chunk", 10_000), raw.get("timing_repeats", 3)
+    if not isinstance(chunk, int) or chunk < 1 or not isinstance(reps, int) or reps < 0:
+        raise _fail(path, "chunk must be a positive and timing_repeats a non-negative integer")
+    ref_file = Path(ref["file"]) if "file" in ref else None
+    if ref_file is not None and not ref_file.is_absolute():
+        ref_file = path.parent / ref_file
+    return Plan(path, str(raw.get("name", path.stem)), rows, ref["n"], str(raw.get("geometry", "")), ref_file,
+                int(ref.get("gflash_seed", 1001)), str(ref.get("energies", "log-uniform:1GeV:1TeV")),
+                ref.get("floor_seed"), chunk, reps)
+
+
+def _geometry(plan: Plan) -> Geometry:
+    if plan.geometry:
+        return get_geometry(plan.geometry)
+    from .checkpoint import load_bundle
+    return load_bundle(plan.rows[0].model).geometry
+
+
+def prepare_inputs(plan: Plan, out: Path, geometry: Geometry, workers: int = 1) -> Path:
+    """The reference file (the plan's, or GFlash made here) and, if asked, the floor row's showers."""
+    from .gflash import write_gflash
+    ref = plan.ref_file or out / "reference.h5"
+    if plan.ref_file is None and not ref.exists():
+        write_gflash(ref, geometry, plan.n, plan.energies, plan.gflash_seed, workers=workers, compression_level=0)
+    n_ref = inspect_file(ref, geometry).n_events
+    if n_ref < plan.n:
+        raise ValueError(f"{ref}: {n_ref} events, the plan asks for {plan.n}")
+    floor = out / "rows" / FLOOR / "showers.h5"
+    if plan.floor_seed is not None and not floor.exists():
+        energies = read_showers(ref, stop=plan.n, validate=False)[0].astype(np.float64)
+        write_gflash(floor, geometry, plan.n, energies, int(plan.floor_seed), workers=workers, compression_level=0)
+        (floor.parent / "generation.json").write_text(json.dumps({"label": FLOOR, "family": "GFlash",
+                                                                  "seed": plan.floor_seed}) + "\n")
+    return ref
+
+
+def _row_dir(out: Path, row: Row) -> Path:
+    d = out / "rows" / row.label
+    d.mkdir(parents=True, exist_ok=True)
+    spec_path, spec = d / "row.json", row.spec()
+    if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
+        raise ValueError(f"{spec_path}: row {row.label} was run with {spec_path.read_text().strip()}, the plan now "
+                         f"says {json.dumps(spec)}; give it a new label or delete {d}")
+    spec_path.write_text(json.dumps(spec) + "\n")
+    return d
+
+
+class _Models:
+    """Bundles loaded once per (model, compile), compiled and warmed up at the row's batch size."""
+
+    def __init__(self, device: str):
+        self.device, self.cache = device, {}
+
+    def get(self, row: Row, n: int):
+        import torch
+        from .checkpoint import load_bundle
+        from .generate import compile_network, sample_batch
+        key = (row.model, row.compile and self.device.startswith("cuda"))
+        if key not in self.cache:
+            bundle = load_bundle(row.model, self.device)
+            if key[1]:
+                compile_network(bundle)
+            self.cache[key] = (bundle, set())
+        bundle, warmed = self.cache[key]
+        b = min(row.batch_size, n)
+        if key[1] and b not in warmed:       # compile at this batch size before anything is timed
+            lo = bundle.transform.energy_range[0]
+            sample_batch(bundle, torch.full((b,), lo * 10, dtype=torch.float64), 0, range(b), sampler="euler", steps=2,
+                         bf16=self.bf16(row))
+            warmed.add(b)
+        return bundle
+
+    def bf16(self, row: Row) -> bool:
+        return row.dtype == "bf16" or (row.dtype == "auto" and self.device.startswith("cuda"))
+
+
+def generate_row(row: Row, d: Path, energies: np.ndarray, models: _Models, chunk: int, repeats: int,
+                 progress: bool) -> Path:
+    """Chunks, joined into showers.h5 (atomic), then generation.json with counted NFE and timing."""
+    from .bench import bench, hardware
+    from .generate import generate_file
+    out, n = d / "showers.h5", len(energies)
+    bundle = None
+    if not out.exists():
+        bundle = models.get(row, n)
+        parts, seconds, clipped, nfe = [], 0.0, 0, {}
+        for lo in range(0, n, chunk):
+            part = d / "chunks" / f"{lo:09d}.h5"
+            if not part.exists():
+                generate_file(bundle, part, energies[lo:lo + chunk], seed=row.seed, sampler=row.sampler,
+                              steps=row.steps, batch_size=row.batch_size, bf16=models.bf16(row), knobs=row.knobs or None,
+                              progress=progress, first_event=lo)
+            attrs = file_attrs(part)
+            nfe, clipped = json.loads(attrs["nfe"]), clipped + int(attrs["clipped_showers"])
+            parts.append(part)
+        with ShowerWriter(out, bundle.geometry.n_voxels, compression_level=0,
+                          attrs={k: v for k, v in file_attrs(parts[0]).items() if k not in ("first_event", "clipped_showers")}) as w:
+            for part in parts:
+                for e, s in iter_showers(part, 10_000, validate=False):
+                    w.write(e, s)
+            w.attrs.update({"nfe": json.dumps(nfe), "clipped_showers": clipped})
+        shutil.rmtree(d / "chunks")
+    rec_path = d / "generation.json"
+    if not rec_path.exists():
+        import torch
+        bundle = bundle or models.get(row, n)
+        attrs = file_attrs(out)
+        rec = {"label": row.label, "family": row.family or str(attrs.get("sampler", "")), "model": row.model,
+               "sampler": attrs.get("sampler"), "steps": attrs.get("steps"), "nfe": json.loads(attrs["nfe"]),
+               "clipped": int(attrs["clipped_showers"]), "device": hardware(torch.device(models.device)),
+               "dtype": "bf16" if models.bf16(row) else "fp32", "compiled": row.compile and models.device.startswith("cuda")}
+        if repeats:
+            t = bench(bundle, rec["sampler"], rec["steps"], batch_sizes=(min(row.batch_size, n),), repeats=repeats,
+                      bf16=models.bf16(row), knobs=row.knobs or None)[0]
+            rec.update(ms_per_shower=t["median"], ms_std=t["std"], timing_batch=t["batch"], timing_repeats=repeats)
+        rec_path.write_text(json.dumps(rec) + "\n")
+    return out
+
+
+_REFERENCE = None
+
+
+def _worker_init(ref: str, geometry: Geometry, n: int, threads: int = 0) -> None:
+    """Each evaluating process prepares the reference once (features, spectra, classifier inputs)."""
+    import torch
+    from .evaluate import prepare_reference
+    global _REFERENCE
+    if threads:
+        torch.set_num_threads(threads)
+    _REFERENCE = prepare_reference(ref, geometry, n, low_level=True)
+
+
+def _evaluate(label: str, showers: str, eval_dir: str, geometry: Geometry, fast: bool, device: str | None,
+              min_events: int) -> str:
+    from .evaluate import evaluate_files
+    evaluate_files(showers, _REFERENCE, geometry, eval_dir, fast=fast, min_events=min_events, device=device,
+                   label=label, progress=False)
+    return label
+
+
+def run_study(plan: Plan, out: "str | Path", *, device: str = "cpu", fast: bool = False, eval_jobs: int = 0,
+              shard: tuple[int, int] = (0, 1), deadline: float = 0.0, keep_showers: bool = False,
+              workers: int = 1, progress: bool = True) -> list[str]:
+    """Run this shard's rows; returns the labels not finished (deadline reached). See the module doc."""
+    t0, out = time.time(), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    geometry = _geometry(plan)
+    ref = prepare_inputs(plan, out, geometry, workers)
+    energies = read_showers(ref, stop=plan.n, validate=False)[0].astype(np.float64)
+    labels = ([FLOOR] if plan.floor_seed is not None else []) + [r.label for r in plan.rows]
+    mine = labels[shard[0]::shard[1]]
+    rows = {r.label: r for r in plan.rows}
+    models, pending, left = _Models(device), {}, []
+    eval_dev = device if device.startswith("cuda") else None
+    threads = max(1, (os.cpu_count() or 2) // (eval_jobs + 1))
+    pool = None
+    if eval_jobs:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads)
+        pool = ProcessPoolExecutor(eval_jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                                   initargs=(str(ref), geometry, plan.n, threads))
+    else:
+        _worker_init(str(ref), geometry, plan.n)
+    late = lambda: deadline > 0 and time.time() - t0 > deadline
+    try:
+        for label in mine:
+            d = out / "rows" / label
+            if (d / "eval" / "metrics.json").exists():
+                continue
+            if late():
+                left.append(label)
+                continue
+            if label != FLOOR:
+                d = _row_dir(out, rows[label])
+                generate_row(rows[label], d, energies, models, plan.chunk, plan.timing_repeats, progress)
+            if progress:
+                print(f"[study] {label}: generated ({time.time() - t0:.0f} s); evaluating", flush=True)
+            args = (label, str(d / "showers.h5"), str(d / "eval"), geometry, fast, eval_dev, plan.n)
+            if pool is None:
+                _evaluate(*args)
+                _finish(d, label, keep_showers)
+            else:
+                pending[label] = (pool.submit(_evaluate, *args), d)
+        for label, (fut, d) in pending.items():
+            remaining = max(1.0, deadline - (time.time() - t0)) if deadline > 0 else None
+            try:
+                fut.result(timeout=remaining)
+                _finish(d, label, keep_showers)
+            except TimeoutError:
+                left.append(label)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=not left, cancel_futures=True)
+            if left:
+                for p in list(getattr(pool, "_processes", {}).values()):
+                    p.terminate()
+    return left
+
+
+def _finish(d: Path, label: str, keep_showers: bool) -> None:
+    m = json.loads((d / "eval" / "metrics.json").read_text())
+    print(f"[study] {label}: AUC low {m.get('classifier_low', {}).get('auc', float('nan')):.3f} "
+          f"high {m.get('classifier_high', {}).get('auc', float('nan')):.3f} FPD x1e3 {m['fpd']['x1e3']:.1f}", flush=True)
+    if not keep_showers and label != FLOOR:
+        (d / "showers.h5").unlink(missing_ok=True)
+
+
+def study(plan_path: "str | Path", out: "str | Path", *, device: str = "cpu", shard: tuple[int, int] | None = None,
+          table_only: bool = False, **kw) -> int:
+    """The command: run (every visible GPU one shard, each in its own process, unless `shard` is given), then
+    write the table, plot and index. 0 when every row is done, 3 when a deadline left rows to resume."""
+    import subprocess
+    import sys
+    from .study_report import collect_rows, write_outputs
+    plan, out = load_plan(plan_path), Path(out)
+    labels = ([FLOOR] if plan.floor_seed is not None else []) + [r.label for r in plan.rows]
+    left: list[str] = []
+    if not table_only:
+        n_gpu = _gpu_count() if device == "cuda" and shard is None else 0
+        if n_gpu > 1:
+            out.mkdir(parents=True, exist_ok=True)
+            prepare_inputs(plan, out, _geometry(plan), kw.get("workers", 1))     # once, before the shards
+            flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items() if k in ("eval_jobs", "deadline", "workers")]
+            flags += [f"--{k.replace('_', '-')}" for k in ("fast", "keep_showers") if kw.get(k)]
+            procs = [subprocess.Popen([sys.executable, "-m", "calofast", "study", str(plan_path), "-o", str(out),
+                                       "--device", "cuda", "--shard", f"{k}/{n_gpu}", *flags],
+                                      env={**os.environ, "CUDA_VISIBLE_DEVICES": str(k)}) for k in range(n_gpu)]
+            codes = [p.wait() for p in procs]
+            if any(c not in (0, 3) for c in codes):
+                raise RuntimeError(f"study shards exited with {codes}")
+            left = [lb for lb in labels if not (out / "rows" / lb / "eval" / "metrics.json").exists()]
+        else:
+            left = run_study(plan, out, device=device, shard=shard or (0, 1), **kw)
+    if shard is None or shard == (0, 1):
+        rows = collect_rows(out, labels)
+        paths = write_outputs(out, rows, plan.name, FLOOR if plan.floor_seed is not None else None)
+        print(f"[study] {sum(r['status'] == 'ok' for r in rows)} of {len(rows)} rows done; "
+              f"{', '.join(str(p) for p in paths)}")
+    if left:
+        print(f"[study] deadline reached: {len(left)} rows unfinished ({', '.join(left)}); "
+              "re-run the same command to resume")
+        return 3
+    return 0
+
+
+def _gpu_count() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,0 +1,125 @@
+"""`calofast study` on the tiny geometry: plan checks, chunked generation that resumes after a kill and equals
+one unchunked run, evaluation in a worker process, the table, plot and index; and a small DS2 plan with a
+GFlash reference and the GFlash-vs-GFlash floor row."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from calofast.checkpoint import load_bundle
+from calofast.cli import main
+from calofast.config import apply_overrides, get_preset
+from calofast.data import read_showers
+from calofast.generate import generate_file
+from calofast.study import load_plan, study
+from calofast.train import train_model
+
+from helpers import tiny_data, tiny_xml
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    cfg = apply_overrides(get_preset("tiny"), [f"geometry={tiny_xml(tmp)}", "train.showers=2048"])
+    model = train_model(cfg, tiny_data(tmp), tmp / "run")
+    return tmp, model, tiny_data(tmp, n=300, seed=5)
+
+
+def _plan(tmp, model, ref, rows, name="plan.toml", n=300):
+    text = f'name = "tiny study"\nchunk = 128\ntiming_repeats = 2\n[reference]\nfile = "{ref}"\nn = {n}\n' \
+           f'[defaults]\nmodel = "{model}"\nbatch_size = 100\n' + "".join(f"[[rows]]\n{r}\n" for r in rows)
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+ROWS = ['label = "euler-3"\nsampler = "euler"\nsteps = 3\nfamily = "Euler"',
+        'label = "ddim-eta05-4"\nsampler = "ddim"\nsteps = 4\nknobs = { eta = 0.5 }\nfamily = "DDIM"']
+
+
+def test_plan_errors_name_the_file_and_the_key(tiny, tmp_path, capsys):
+    tmp, model, ref = tiny
+    bad = {"unknown key": 'label = "a"\nsampler = "euler"\nstep = 3',
+           "used twice": 'label = "a"\n[[rows]]\nlabel = "a"',
+           "must be letters": 'label = "a b"'}
+    for msg, row in bad.items():
+        p = _plan(tmp_path, model, ref, [row])
+        with pytest.raises(ValueError, match=msg) as err:
+            load_plan(p)
+        assert str(p) in str(err.value)
+    (tmp_path / "nref.toml").write_text(f'[reference]\nfile = "{ref}"\n[[rows]]\nlabel = "a"\nmodel = "m"\n')
+    assert main(["study", str(tmp_path / "nref.toml"), "-o", str(tmp_path / "o")]) == 2
+    assert "needs n" in capsys.readouterr().err
+    assert main(["study", str(tmp_path / "missing.toml"), "-o", str(tmp_path / "o")]) == 2
+
+
+def test_study_resumes_after_a_kill_and_matches_one_run(tiny, tmp_path, monkeypatch):
+    tmp, model, ref = tiny
+    plan = _plan(tmp_path, model, ref, ROWS)
+    out = tmp_path / "s"
+    calls = []
+    import calofast.generate as gen_mod
+    orig = gen_mod.generate_file
+
+    def dying(*a, **k):                      # the process "dies" while writing the second chunk
+        calls.append(k["first_event"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    monkeypatch.setattr(gen_mod, "generate_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        study(plan, out, fast=True, keep_showers=True)
+    assert calls == [0, 128] and sorted(p.name for p in (out / "rows/euler-3/chunks").iterdir()) == ["000000000.h5"]
+    monkeypatch.setattr(gen_mod, "generate_file", orig)
+    assert study(plan, out, fast=True, eval_jobs=1, keep_showers=True) == 0
+    # Chunked and resumed = one unchunked run, bit for bit.
+    e = read_showers(ref, stop=300)[0].astype(np.float64)
+    whole = generate_file(load_bundle(model), tmp_path / "whole.h5", e, seed=1, sampler="euler", steps=3,
+                          batch_size=100, progress=False)
+    np.testing.assert_array_equal(read_showers(out / "rows/euler-3/showers.h5")[1], read_showers(whole.path)[1])
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert [r["label"] for r in rows] == ["euler-3", "ddim-eta05-4"] and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        m = json.loads((out / "rows" / r["label"] / "eval/metrics.json").read_text())
+        assert float(r["auc_low"]) == m["classifier_low"]["auc"] and int(r["events"]) == 300
+        assert float(r["ms_per_shower"]) > 0 and r["nfe"] in ("3", "4")
+    assert (out / "pareto.png").stat().st_size > 10_000
+    assert 'href="rows/ddim-eta05-4/eval/report.html"' in (out / "index.html").read_text()
+    assert "| euler-3 | 3 |" in (out / "table.md").read_text()
+    # A finished study re-run does nothing new; a changed row under an old label is refused.
+    stamp = (out / "rows/euler-3/eval/metrics.json").stat().st_mtime_ns
+    assert study(plan, out, fast=True) == 0
+    assert (out / "rows/euler-3/eval/metrics.json").stat().st_mtime_ns == stamp
+    changed = _plan(tmp_path, model, ref, [ROWS[0].replace("steps = 3", "steps = 5")], name="changed.toml")
+    (out / "rows/euler-3/eval/metrics.json").unlink()
+    with pytest.raises(ValueError, match="give it a new label"):
+        study(changed, out, fast=True)
+
+
+def test_deadline_leaves_rows_to_resume(tiny, tmp_path, capsys):
+    tmp, model, ref = tiny
+    plan = _plan(tmp_path, model, ref, ROWS)
+    assert main(["study", str(plan), "-o", str(tmp_path / "d"), "--fast", "--deadline", "1e-9"]) == 3
+    text = capsys.readouterr().out
+    assert "2 rows unfinished" in text and "0 of 2 rows done" in text
+    assert "not evaluated" in (tmp_path / "d/table.md").read_text()
+
+
+def test_ds2_plan_with_gflash_reference_and_floor(tmp_path):
+    """GFlash reference made by the study, the floor row, the shipped one-step student (CPU, --fast)."""
+    plan = tmp_path / "ds2.toml"
+    plan.write_text('[reference]\nn = 400\ngflash_seed = 1001\nfloor_seed = 2002\n'
+                    '[[rows]]\nlabel = "pd-1step"\nmodel = "ds2-student-pd-1step"\nbatch_size = 200\n'
+                    'family = "PD"\n')
+    out = tmp_path / "s"
+    assert main(["study", str(plan), "-o", str(out), "--fast"]) == 0
+    rows = {r["label"]: r for r in csv.DictReader(open(out / "table.csv"))}
+    assert list(rows) == ["gflash-floor", "pd-1step"]
+    floor, student = rows["gflash-floor"], rows["pd-1step"]
+    # Against independent GFlash showers the classifier sits near 0.5 (val: 80 + 80 events, AUC std ~0.046, so
+    # 0.15 is over 3 sigma); the poor student (AUC 0.999 at 50k) is far above it on the high-level features.
+    assert abs(float(floor["auc_high"]) - 0.5) < 0.15 and abs(float(floor["auc_low"]) - 0.5) < 0.15
+    assert float(student["auc_high"]) > float(floor["auc_high"]) + 0.15
+    assert student["nfe"] == "1" and (out / "pareto.png").exists()
