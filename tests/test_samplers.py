@@ -30,6 +30,19 @@ def test_convergence_order_matches_theory(name, order):
     assert abs(orders[-2] - order) <= 0.3 + 0.2 * (order - 1), (errs, orders)   # pre-asymptotic slack
 
 
+@pytest.mark.parametrize("order, corrector, expected", [(1, True, 2), (2, True, 3), (3, True, 4), (2, False, 2),
+                                                      (3, False, 3)])
+def test_unipc_convergence_order(order, corrector, expected):
+    """UniP-p alone converges at order p; the corrector UniC (no extra NFE) raises it to p + 1 (Zhao et al.
+    2023, Theorem 3.3)."""
+    z = torch.linspace(-3, 3, 61, dtype=torch.float64)[:, None]
+    exact = D.ode(z * D.sigma_max, D.sigma_max, D.sigma_min)
+    errs = [float((_run("unipc", n, z, order=order, corrector=corrector) - exact).abs().max()) for n in (32, 64, 128)]
+    orders = [math.log2(a / b) for a, b in zip(errs, errs[1:])]
+    assert all(b < a for a, b in zip(errs, errs[1:]))
+    assert abs(orders[-1] - expected) <= 0.3 and abs(orders[-2] - expected) <= 0.3 + 0.1 * expected, (errs, orders)
+
+
 def test_ddim_eta0_equals_euler():
     z = torch.randn(8, 1, 3, 4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sig = torch.as_tensor(table_grid(vp_sigmas("cosine", 400), 25))
@@ -142,7 +155,7 @@ def test_consistency_sampler_with_exact_consistency_function():
 
 
 @pytest.mark.parametrize("name, steps, expected", [("euler", 7, 7), ("heun", 7, 13), ("dpmpp-2m", 7, 7),
-                                                   ("ddim", 7, 7), ("consistency", 2, 2)])
+                                                   ("ddim", 7, 7), ("unipc", 7, 7), ("consistency", 2, 2)])
 def test_nfe_is_counted(name, steps, expected):
     counted = S.CountingDenoiser(D)
     sig = karras(steps, 0.01, 80.0) if name != "consistency" else torch.tensor([80.0, 1.0, 0.002], dtype=torch.float64)

@@ -15,6 +15,8 @@ caller decides. Formulas: spec `samplers.md` section 5 (Karras et al. 2022; Lu e
 * heun               EDM Algorithm 2 with churn (S_churn, S_min, S_max, S_noise); last step Euler (5.5)
 * dpmpp_2m           DPM-Solver++(2M), lower-order final steps (5.6)
 * dpmpp_2m_sde       DPM-Solver++(2M) SDE, midpoint (5.7)
+* unipc              UniPC (Zhao et al. 2023): multistep predictor UniP-p + corrector UniC, data prediction,
+                     B(h) = e^h - 1 (bh2) or h (bh1), order 1-3, lower-order warm-up and final step (5.8)
 * consistency        multistep consistency sampling (5.9)
 """
 from __future__ import annotations
@@ -26,8 +28,8 @@ from typing import Callable
 import torch
 
 __all__ = ["CountingDenoiser", "euler_step", "ddim_step", "ddpm_step", "heun_step", "dpmpp_2m_step",
-           "dpmpp_2m_sde_step", "consistency_step", "euler", "ddim", "ddpm", "heun", "dpmpp_2m", "dpmpp_2m_sde",
-           "consistency", "SamplerInfo", "SAMPLERS"]
+           "dpmpp_2m_sde_step", "consistency_step", "unipc_update", "euler", "ddim", "ddpm", "heun", "dpmpp_2m",
+           "dpmpp_2m_sde", "unipc", "consistency", "SamplerInfo", "SAMPLERS"]
 
 
 class CountingDenoiser:
@@ -170,6 +172,45 @@ def dpmpp_2m_sde_step(denoiser, x, sigma: float, sigma_next: float, cond, *, old
     return x, denoised, h
 
 
+def unipc_update(x, sigma: float, sigma_next: float, history: list, order: int, *, variant: str = "bh2",
+                 corrector_d=None):
+    """One UniPC update from sigma to sigma_next in lambda = -ln sigma (data prediction, VE form).
+
+    history: [(sigma_k, D_k)] newest last, history[-1] the denoised at `sigma`; `order` of them are used.
+    Predictor (UniP-p): corrector_d None. Corrector (UniC-p): x is the previous point's sample, sigma_next
+    the new point and corrector_d the denoised there, already evaluated (no extra NFE)."""
+    s0, m0 = history[-1]
+    h = math.log(s0) - math.log(sigma_next)
+    hh = -h
+    rks, d1s = [], []
+    for k in range(1, order):
+        sk, mk = history[-(k + 1)]
+        rk = (math.log(s0) - math.log(sk)) / h          # (lambda_k - lambda_0) / h, negative
+        rks.append(rk)
+        d1s.append((mk - m0) / rk)
+    rks.append(1.0)
+    h_phi_1 = math.expm1(hh)
+    h_phi_k, factorial = h_phi_1 / hh - 1, 1
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    rows, b = [], []
+    for i in range(1, order + 1):
+        rows.append([r ** (i - 1) for r in rks])
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    x_next = (sigma_next / s0) * x - h_phi_1 * m0
+    if corrector_d is None:
+        if order == 1:
+            return x_next
+        rhos = [0.5] if order == 2 else torch.linalg.solve(torch.tensor(rows[:-1], dtype=torch.float64)[:, :-1],
+                                                            torch.tensor(b[:-1], dtype=torch.float64)).tolist()
+        return x_next - b_h * sum(r * d for r, d in zip(rhos, d1s))
+    rhos = [0.5] if order == 1 else torch.linalg.solve(torch.tensor(rows, dtype=torch.float64),
+                                                        torch.tensor(b, dtype=torch.float64)).tolist()
+    res = sum((r * d for r, d in zip(rhos[:-1], d1s)), torch.zeros_like(m0)) + rhos[-1] * (corrector_d - m0)
+    return x_next - b_h * res
+
+
 def consistency_step(denoiser, x, sigma: float, cond):
     """One evaluation of the consistency function f(x, sigma) (the student's Denoiser)."""
     return _call(denoiser, x, sigma, cond)
@@ -246,6 +287,27 @@ def dpmpp_2m_sde(denoiser, noise, sigmas, cond, *, rng=None, eta: float = 1.0, s
     return x
 
 
+def unipc(denoiser, noise, sigmas, cond, *, rng=None, order: int = 2, variant: str = "bh2", corrector: bool = True,
+          lower_order_final: bool = True):
+    """UniPC: at each point the denoised corrects the sample that led there (UniC, free), then the predictor
+    (UniP) steps on; first steps lower order while history builds up, the last step first order
+    (lower_order_final; a step to sigma 0 is always the plain denoised). NFE = steps."""
+    if order not in (1, 2, 3) or variant not in ("bh1", "bh2"):
+        raise ValueError(f"unipc: order must be 1, 2 or 3 and variant bh1 or bh2 (got {order}, {variant!r})")
+    s = _grid(sigmas)
+    n = len(s) - 1
+    x, history, prev, prev_order = noise * s[0], [], None, 0
+    for i in range(n):
+        d = _call(denoiser, x, s[i], cond)
+        if corrector and prev is not None:
+            x = unipc_update(prev, s[i - 1], s[i], history, prev_order, variant=variant, corrector_d=d)
+        history = (history + [(s[i], d)])[-order:]
+        p = min(order, len(history), n - i if lower_order_final else order)
+        prev, prev_order = x, p
+        x = d if s[i + 1] == 0 else unipc_update(x, s[i], s[i + 1], history, p, variant=variant)
+    return x
+
+
 def consistency(denoiser, noise, sigmas, cond, *, rng=None):
     """sigmas = [s_0 > ... > s_{K-1}, sigma_min]: K evaluations; between them re-noise to s_{k+1}."""
     s = _grid(sigmas)
@@ -273,5 +335,6 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "heun": SamplerInfo(heun, False, "karras", lambda n: 2 * n - 1),  # stochastic when s_churn > 0
     "dpmpp-2m": SamplerInfo(dpmpp_2m, False, "karras", lambda n: n),
     "dpmpp-2m-sde": SamplerInfo(dpmpp_2m_sde, True, "karras", lambda n: n),
+    "unipc": SamplerInfo(unipc, False, "karras", lambda n: n),
     "consistency": SamplerInfo(consistency, True, "consistency", lambda n: n),
 }
