@@ -123,3 +123,17 @@ def test_ds2_plan_with_gflash_reference_and_floor(tmp_path):
     assert abs(float(floor["auc_high"]) - 0.5) < 0.15 and abs(float(floor["auc_low"]) - 0.5) < 0.15
     assert float(student["auc_high"]) > float(floor["auc_high"]) + 0.15
     assert student["nfe"] == "1" and (out / "pareto.png").exists()
+
+
+def test_shipped_plans_load_and_name_valid_models_and_options():
+    from pathlib import Path
+    from calofast.checkpoint import shipped_models
+    from calofast.generate import check_knobs
+    plans = sorted((Path(__file__).parents[1] / "studies").glob("*.toml"))
+    assert plans
+    for path in plans:
+        plan = load_plan(path)
+        assert plan.n == 50_000 and plan.floor_seed is not None
+        for row in plan.rows:
+            assert row.model in shipped_models(), (path, row.label)
+            check_knobs(row.sampler, row.knobs)

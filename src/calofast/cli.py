@@ -108,18 +108,50 @@ def _energies(a: argparse.Namespace, bundle):
     return np.exp(np.log(lo) + np.random.default_rng(a.seed).random(a.n) * np.log(hi / lo))
 
 
+def _shard(text: str | None) -> tuple[int, int] | None:
+    """--shard K/N, or 'torchrun' (K, N from RANK and WORLD_SIZE)."""
+    if not text:
+        return None
+    if text == "torchrun":
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ValueError("--shard torchrun: RANK and WORLD_SIZE are not set (start with torchrun)")
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+        raise ValueError(f"--shard {text}: expected K/N with 0 <= K < N, or torchrun")
+    return int(k), int(n)
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from .checkpoint import load_bundle
-    from .generate import compile_network, generate_file, nfe_text
-    bundle = load_bundle(a.model, device=a.device)
+    from .generate import compile_network, generate_file, nfe_text, shard_range
+    shard, output, device = _shard(a.shard), Path(a.output), a.device
+    if a.shard == "torchrun":
+        output = output.with_name(f"{output.stem}.part{shard[0]:04d}-of-{shard[1]:04d}{output.suffix}")
+        if device == "cuda":
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size {a.batch_size}: must be at least 1")
+    bundle = load_bundle(a.model, device=device)
+    energies, first = _energies(a, bundle), 0
+    if shard is not None:
+        events = shard_range(len(energies), *shard)
+        energies, first = energies[events.start:events.stop], events.start
     if a.compile:
         compile_network(bundle)
     knobs = {"eta": a.eta} if a.eta is not None else {}
-    stats = generate_file(bundle, a.output, _energies(a, bundle), seed=a.seed, sampler=a.sampler, steps=a.steps,
-                          batch_size=a.batch_size, bf16=a.dtype == "bf16", force=a.force, knobs=knobs)
+    stats = generate_file(bundle, output, energies, seed=a.seed, sampler=a.sampler, steps=a.steps,
+                          batch_size=a.batch_size, bf16=a.dtype == "bf16", force=a.force, knobs=knobs, first_event=first)
     print(f"wrote {stats.n} showers to {stats.path}: sampler {stats.sampler}, {stats.steps} steps, "
           f"{nfe_text(stats.nfe)}, {stats.showers_per_s:.1f} showers/s on {a.device} ({a.dtype}); "
           f"{stats.clipped} clipped showers")
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from .generate import merge_files
+    path = merge_files(a.parts, a.output, force=a.force)
+    print(f"merged {len(a.parts)} files into {path}")
     return 0
 
 
@@ -177,15 +209,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_study(a: argparse.Namespace) -> int:
     from .study import study
-    shard = None
-    if a.shard:
-        k, _, n = a.shard.partition("/")
-        if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
-            raise ValueError(f"--shard {a.shard}: expected K/N with 0 <= K < N")
-        shard = (int(k), int(n))
+    shard = _shard(a.shard)
     if a.eval_jobs < 0 or a.deadline < 0 or a.workers < 1:
         raise ValueError("--eval-jobs and --deadline must be >= 0 and --workers >= 1")
+    only = [x for x in a.only.split(",") if x] if a.only else None
     return study(a.plan, a.output, device=a.device, shard=shard, table_only=a.table_only, fast=a.fast,
+                 only=only, events=a.events,
                  eval_jobs=a.eval_jobs, deadline=a.deadline, keep_showers=a.keep_showers, workers=a.workers)
 
 
@@ -225,158 +254,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="calofast", description="Fast calorimeter-shower simulation with "
-                                "diffusion models (CaloChallenge format).")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    g = sub.add_parser("gflash", help="simulate GFlash showers into a CaloChallenge HDF5 file",
-                       description="Simulate parameterised (GFlash) EM showers in the Par04 W/Si "
-                       "calorimeter, written in the CaloChallenge format.")
-    g.add_argument("--geometry", default="ds2", help="ds2, ds3 or a binning XML (default ds2)")
-    g.add_argument("--n", type=int, default=10_000, help="number of showers (default 10000)")
-    g.add_argument("--energies", default="log-uniform:1GeV:1TeV",
-                   help="spectrum: log-uniform:1GeV:1TeV (default), uniform:A:B, fixed:E, ds1-photons")
-    g.add_argument("--seed", type=int, default=0, help="random seed (event k depends only on seed, k)")
-    g.add_argument("--chunk", type=int, default=5000, help="showers per written chunk")
-    g.add_argument("--workers", type=int, default=1, help="parallel simulation processes (default 1)")
-    g.add_argument("--no-compress", action="store_true", help="write without gzip (fast scratch files)")
-    g.add_argument("--c-s", type=float, default=0.12, help="sampling term c_s (default 0.12)")
-    g.add_argument("--substeps", type=int, default=8, help="longitudinal sub-steps per layer")
-    g.add_argument("--summary", action="store_true", help="print a summary and plot it beside the file")
-    g.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    g.add_argument("-o", "--output", required=True, help="output .h5 file")
-    g.set_defaults(func=cmd_gflash)
-
-    i = sub.add_parser("info", help="check a CaloChallenge file and print its summary",
-                       description="Validate a CaloChallenge HDF5 file and summarise its showers.")
-    i.add_argument("file", type=Path)
-    i.add_argument("--geometry", help="geometry (default: from the voxel count)")
-    i.add_argument("--max-events", type=int, help="only the first N showers")
-    i.add_argument("--plot", type=Path, help="write a summary plot (PNG) here")
-    i.set_defaults(func=cmd_info)
-
-    t = sub.add_parser("train", help="train a diffusion model (torchrun for several GPUs/processes)",
-                       description="Train a denoiser on a CaloChallenge file. Resumes when re-run with the "
-                       "same output folder. Multi-GPU: torchrun --nproc-per-node N -m calofast train ...")
-    t.add_argument("--data", required=True, help="training file (CaloChallenge HDF5)")
-    t.add_argument("--preset", help="named config (tiny, ds2-unet, ds2-factorised, ...; default ds2-unet)")
-    t.add_argument("--init", help="continue from this bundle's weights, transform and config (fresh optimiser "
-                   "and schedule from its train.* options and --set)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4 (repeatable)")
-    t.add_argument("-o", "--output", required=True, help="run folder (config.json, stats.jsonl, model.safetensors)")
-    t.set_defaults(func=cmd_train)
-
-    gen = sub.add_parser("generate", help="sample showers from a model bundle into a CaloChallenge file",
-                         description="Generate showers with any sampler. Distilled bundles bring their own "
-                         "sampler and steps.")
-    gen.add_argument("--model", required=True, help="model bundle (.safetensors)")
-    gen.add_argument("--sampler", help="ddpm, ddim, euler, heun, dpmpp-2m, dpmpp-2m-sde, consistency "
-                     "(default: the bundle's own, else dpmpp-2m)")
-    gen.add_argument("--steps", type=int, help="sampler steps (default: the bundle's own, else 20)")
-    gen.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default 0)")
-    gen.add_argument("--n", type=int, help="number of showers")
-    gen.add_argument("--energies", help="spectrum, e.g. log-uniform:1GeV:1TeV (default: the model's range)")
-    gen.add_argument("--energies-from", help="take incident energies event by event from this file")
-    gen.add_argument("--seed", type=int, default=0, help="seed; shower k depends only on (seed, k)")
-    gen.add_argument("--batch-size", type=int, default=1000)
-    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    gen.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    gen.add_argument("--compile", action="store_true", help="torch.compile the network (slow first batch)")
-    gen.add_argument("--force", action="store_true", help="overwrite the output")
-    gen.add_argument("-o", "--output", required=True)
-    gen.set_defaults(func=cmd_generate)
-
-    ds = sub.add_parser("distill", help="distil a teacher into a few-step student (progressive or consistency)",
-                        description="Progressive distillation down to 1 step, or consistency distillation. "
-                        "Resumable; multi-GPU through torchrun like training.")
-    ds.add_argument("method", choices=("progressive", "consistency"))
-    ds.add_argument("--teacher", required=True, help="teacher bundle (.safetensors)")
-    ds.add_argument("--data", required=True, help="training showers (CaloChallenge HDF5)")
-    ds.add_argument("--start-steps", type=int, default=128, help="progressive: teacher steps of the first stage")
-    ds.add_argument("--to-steps", type=int, default=1, help="progressive: final student steps")
-    ds.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override, e.g. distill.showers_per_stage=200000, distill.cm_steps=40")
-    ds.add_argument("-o", "--output", required=True, help="run folder")
-    ds.set_defaults(func=cmd_distill)
-
-    ev = sub.add_parser("evaluate", help="CaloChallenge evaluation of generated vs reference showers",
-                        description="Features, separation powers, classifier AUCs, FPD/KPD, plots and report.html.")
-    ev.add_argument("--generated", required=True)
-    ev.add_argument("--reference", required=True)
-    ev.add_argument("--geometry", default="ds2")
-    ev.add_argument("--fast", action="store_true", help="shortened classifier (smoke runs; not comparable)")
-    ev.add_argument("--min-events", type=int, help="accept files smaller than the official protocol's size")
-    ev.add_argument("--classifiers", default="low,high", help="which classifier tests (low,high; empty: none)")
-    ev.add_argument("--device", help="classifier device (default: cuda if available)")
-    ev.add_argument("--label", help="name in the report")
-    ev.add_argument("-o", "--output", required=True, help="report folder")
-    ev.set_defaults(func=cmd_evaluate)
-
-    be = sub.add_parser("bench", help="time per shower (CaloChallenge timing protocol)",
-                        description="Warm-up, then repeated timed batches; CUDA synchronised; mean, std, median.")
-    be.add_argument("--model", required=True)
-    be.add_argument("--sampler")
-    be.add_argument("--steps", type=int)
-    be.add_argument("--batch-sizes", default="1,100,10000")
-    be.add_argument("--repeats", type=int, default=10)
-    be.add_argument("--device", default="cpu")
-    be.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    be.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
-    be.add_argument("--compile", action="store_true", help="torch.compile the network (compiled in the warm-up)")
-    be.add_argument("-o", "--output", help="write the table (.csv or .json)")
-    be.set_defaults(func=cmd_bench)
-
-    ex = sub.add_parser("export", help="export a bundle + few-step sampler to ONNX (Geant4 Par04) or TorchScript",
-                        description="One ONNX file (opset 17) with preprocessing, the unrolled sampler and the "
-                        "inverse transform. Distilled bundles bring their own sampler and steps.")
-    ex.add_argument("--model", required=True)
-    ex.add_argument("--sampler", help="euler, ddim, heun, dpmpp-2m or consistency (deterministic only)")
-    ex.add_argument("--steps", type=int)
-    ex.add_argument("--flavour", choices=("par04", "reproducible"), default="reproducible")
-    ex.add_argument("--format", choices=("onnx", "torchscript"), default="onnx",
-                    help="torchscript is a secondary path (reproducible signature)")
-    ex.add_argument("--par04-energy-scale", type=float, default=1.0,
-                    help="par04 flavour: factor on the output (1 = CaloChallenge scale; 0.033 = silicon only)")
-    ex.add_argument("--force", action="store_true")
-    ex.add_argument("-o", "--output", required=True)
-    ex.set_defaults(func=cmd_export)
-
-    st = sub.add_parser("study", help="generate, time and evaluate every row of a plan; one table and plot",
-                        description="Run a study plan (TOML: [reference], [defaults], [[rows]]; see studies/): "
-                        "each row generated in chunks, timed, evaluated against the reference; writes DIR/table.csv, "
-                        "table.md, pareto.png, index.html. Re-run the same command to resume. Exit 3: a deadline "
-                        "left rows unfinished.")
-    st.add_argument("plan", type=Path)
-    st.add_argument("-o", "--output", required=True, type=Path, help="study folder (resumed if it exists)")
-    st.add_argument("--device", default="cpu", help="cpu or cuda (every visible GPU: one shard each)")
-    st.add_argument("--fast", action="store_true", help="small classifier and fewer bootstraps (smoke runs only)")
-    st.add_argument("--eval-jobs", type=int, default=0, help="evaluations in this many worker processes "
-                    "while the next row generates (default 0: in turn)")
-    st.add_argument("--deadline", type=float, default=0, help="stop starting work after this many seconds")
-    st.add_argument("--workers", type=int, default=1, help="processes for GFlash reference showers")
-    st.add_argument("--keep-showers", action="store_true", help="keep each row's showers.h5 after evaluation")
-    st.add_argument("--table-only", action="store_true", help="only rewrite the table, plot and index")
-    st.add_argument("--shard", help="K/N: run rows K, K+N, ... only (one process per GPU; no table)")
-    st.set_defaults(func=cmd_study)
-
-    d = sub.add_parser("demo", help="the main job: GFlash truth, shipped model, evaluation report",
-                       description="Simulate fresh GFlash DS2 truth, generate the same events with a shipped model "
-                       "through a few-step sampler, evaluate them with the CaloChallenge protocol and print the "
-                       "path of report.html.")
-    d.add_argument("--n", type=int, default=2000, help="showers (default 2000)")
-    d.add_argument("--model", default="ds2-student-pd-2step",
-                   help="bundle or shipped name (default ds2-student-pd-2step, fast on a CPU; on a GPU use "
-                        "ds2-factorised, the better model: its default is DPM-Solver++(2M) with 32 steps)")
-    d.add_argument("--sampler")
-    d.add_argument("--steps", type=int)
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--full", dest="fast", action="store_false",
-                   help="full classifier protocol (default: the fast one, minutes on a CPU)")
-    d.add_argument("--seed", type=int, default=1)
-    d.add_argument("-o", "--output", default="demo", help="output folder (default demo/)")
-    d.set_defaults(func=cmd_demo)
-    return p
+    from .cli_parser import build_parser as parser
+    return parser({"gflash": cmd_gflash, "info": cmd_info, "train": cmd_train, "generate": cmd_generate, "distill": cmd_distill, "evaluate": cmd_evaluate, "bench": cmd_bench, "export": cmd_export, "merge": cmd_merge, "study": cmd_study, "demo": cmd_demo})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from .transforms import MAX_RESPONSE
 log = logging.getLogger("calofast")
 
 __all__ = ["make_sigmas", "sample_batch", "generate_file", "GenerateStats", "resolve_sampler", "sampling_plan",
-           "compile_network", "is_compiled", "nfe_text"]
+           "compile_network", "is_compiled", "nfe_text", "shard_range", "merge_files"]
 
 
 def _table(param):
@@ -202,3 +202,43 @@ def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray
     if clipped:
         log.warning("%d of %d showers had to be clipped (non-finite or above %.1f x E_inc)", clipped, n, MAX_RESPONSE)
     return GenerateStats(Path(output), n, name, n_steps, nfe, max(t_sampling, 1e-9), clipped)
+
+
+def shard_range(n: int, k: int, n_shards: int) -> range:
+    """Events of shard k of n_shards: contiguous, in order, together exactly range(n)."""
+    if not 0 <= k < n_shards:
+        raise ValueError(f"shard {k}/{n_shards}: expected 0 <= K < N")
+    return range(k * n // n_shards, (k + 1) * n // n_shards)
+
+
+def merge_files(parts: list["str | Path"], output: "str | Path", *, force: bool = False,
+                compression_level: int = 4) -> Path:
+    """Join part files written by generate_file (shards or chunks of one run) into one file, atomically.
+
+    The parts must come from the same model, sampler, steps and seed and cover events 0..N-1 without gap or
+    overlap (their `first_event` attributes); the result is the file one unsharded run would write, its
+    clipped-shower count summed."""
+    from .data import ShowerFileError, ShowerWriter, file_attrs, inspect_file, iter_showers
+    if not parts:
+        raise ValueError("no part files to merge")
+    infos = [(file_attrs(p), inspect_file(p), Path(p)) for p in parts]
+    infos.sort(key=lambda t: int(t[0].get("first_event", -1)))
+    same = ("generator", "model", "sampler", "steps", "seed", "nfe")
+    ref_attrs, ref_info, ref_path = infos[0]
+    nxt = 0
+    for attrs, info, path in infos:
+        if "first_event" not in attrs:
+            raise ShowerFileError(f"{path}: no first_event attribute (not written by calofast generate)")
+        if int(attrs["first_event"]) != nxt:
+            raise ShowerFileError(f"{path}: starts at event {attrs['first_event']}, expected {nxt} "
+                                  "(a part is missing or overlaps)")
+        if info.n_voxels != ref_info.n_voxels or any(attrs.get(k) != ref_attrs.get(k) for k in same):
+            raise ShowerFileError(f"{path}: differs from {ref_path} in voxels or in {', '.join(same)}")
+        nxt += info.n_events
+    keep = {k: v for k, v in ref_attrs.items() if k != "clipped_showers"}
+    with ShowerWriter(output, ref_info.n_voxels, force=force, attrs=keep, compression_level=compression_level) as w:
+        for _, _, path in infos:
+            for e, s in iter_showers(path, 10_000, validate=False):
+                w.write(e, s)
+        w.attrs["clipped_showers"] = sum(int(a.get("clipped_showers", 0)) for a, _, _ in infos)
+    return Path(output)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import ShowerWriter, file_attrs, inspect_file, iter_showers, read_showers
+from .data import file_attrs, inspect_file, read_showers
 from .geometry import Geometry, get_geometry
 
 __all__ = ["Row", "Plan", "load_plan", "run_study", "study", "FLOOR"]
@@ -160,6 +160,17 @@ def _row_dir(out: Path, row: Row) -> Path:
     return d
 
 
+def _check_folder(plan: Plan, out: Path) -> None:
+    """A study folder holds one reference and one event count: resuming with others would mix results."""
+    ident = {"n": plan.n, "reference": str(plan.ref_file) if plan.ref_file else
+             {"gflash_seed": plan.gflash_seed, "energies": plan.energies}}
+    path = out / "study.json"
+    if path.exists() and json.loads(path.read_text()) != ident:
+        raise ValueError(f"{path}: this folder holds a study with {path.read_text().strip()}, the plan now says "
+                         f"{json.dumps(ident)}; choose a new output folder")
+    path.write_text(json.dumps(ident) + "\n")
+
+
 class _Models:
     """Bundles loaded once per (model, compile), compiled and warmed up at the row's batch size."""
 
@@ -193,27 +204,20 @@ def generate_row(row: Row, d: Path, energies: np.ndarray, models: _Models, chunk
                  progress: bool) -> Path:
     """Chunks, joined into showers.h5 (atomic), then generation.json with counted NFE and timing."""
     from .bench import bench, hardware
-    from .generate import generate_file
+    from .generate import generate_file, merge_files
     out, n = d / "showers.h5", len(energies)
     bundle = None
     if not out.exists():
         bundle = models.get(row, n)
-        parts, seconds, clipped, nfe = [], 0.0, 0, {}
+        parts = []
         for lo in range(0, n, chunk):
             part = d / "chunks" / f"{lo:09d}.h5"
             if not part.exists():
                 generate_file(bundle, part, energies[lo:lo + chunk], seed=row.seed, sampler=row.sampler,
                               steps=row.steps, batch_size=row.batch_size, bf16=models.bf16(row), knobs=row.knobs or None,
                               progress=progress, first_event=lo)
-            attrs = file_attrs(part)
-            nfe, clipped = json.loads(attrs["nfe"]), clipped + int(attrs["clipped_showers"])
             parts.append(part)
-        with ShowerWriter(out, bundle.geometry.n_voxels, compression_level=0,
-                          attrs={k: v for k, v in file_attrs(parts[0]).items() if k not in ("first_event", "clipped_showers")}) as w:
-            for part in parts:
-                for e, s in iter_showers(part, 10_000, validate=False):
-                    w.write(e, s)
-            w.attrs.update({"nfe": json.dumps(nfe), "clipped_showers": clipped})
+        merge_files(parts, out, compression_level=0)
         shutil.rmtree(d / "chunks")
     rec_path = d / "generation.json"
     if not rec_path.exists():
@@ -259,6 +263,7 @@ def run_study(plan: Plan, out: "str | Path", *, device: str = "cpu", fast: bool 
     """Run this shard's rows; returns the labels not finished (deadline reached). See the module doc."""
     t0, out = time.time(), Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_folder(plan, out)
     geometry = _geometry(plan)
     ref = prepare_inputs(plan, out, geometry, workers)
     energies = read_showers(ref, stop=plan.n, validate=False)[0].astype(np.float64)
@@ -320,15 +325,35 @@ def _finish(d: Path, label: str, keep_showers: bool) -> None:
         (d / "showers.h5").unlink(missing_ok=True)
 
 
+def select(plan: Plan, only: list[str] | None = None, events: int | None = None) -> Plan:
+    """The plan restricted to the rows named in `only` (gflash-floor included only if named) and/or run at
+    `events` events instead of its n (smoke runs; a study folder keeps one event count)."""
+    from dataclasses import replace
+    if only:
+        known = {r.label for r in plan.rows} | ({FLOOR} if plan.floor_seed is not None else set())
+        if bad := [lb for lb in only if lb not in known]:
+            raise ValueError(f"{plan.path}: no row {', '.join(bad)} (rows: {', '.join(sorted(known))})")
+        plan = replace(plan, rows=[r for r in plan.rows if r.label in only],
+                       floor_seed=plan.floor_seed if FLOOR in only else None)
+        if not plan.rows and plan.floor_seed is None:
+            raise ValueError(f"{plan.path}: --only selects no row")
+    if events is not None:
+        if events < 2:
+            raise ValueError(f"--events {events}: at least 2")
+        plan = replace(plan, n=events)
+    return plan
+
+
 def study(plan_path: "str | Path", out: "str | Path", *, device: str = "cpu", shard: tuple[int, int] | None = None,
-          table_only: bool = False, **kw) -> int:
+          table_only: bool = False, only: list[str] | None = None, events: int | None = None, **kw) -> int:
     """The command: run (every visible GPU one shard, each in its own process, unless `shard` is given), then
     write the table, plot and index. 0 when every row is done, 3 when a deadline left rows to resume."""
     import subprocess
     import sys
     from .study_report import collect_rows, write_outputs
-    plan, out = load_plan(plan_path), Path(out)
-    labels = ([FLOOR] if plan.floor_seed is not None else []) + [r.label for r in plan.rows]
+    full = load_plan(plan_path)
+    plan, out = select(full, only, events), Path(out)
+    labels = ([FLOOR] if full.floor_seed is not None else []) + [r.label for r in full.rows]     # the table's
     left: list[str] = []
     if not table_only:
         n_gpu = _gpu_count() if device == "cuda" and shard is None else 0
@@ -337,18 +362,20 @@ def study(plan_path: "str | Path", out: "str | Path", *, device: str = "cpu", sh
             prepare_inputs(plan, out, _geometry(plan), kw.get("workers", 1))     # once, before the shards
             flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items() if k in ("eval_jobs", "deadline", "workers")]
             flags += [f"--{k.replace('_', '-')}" for k in ("fast", "keep_showers") if kw.get(k)]
+            flags += (["--only", ",".join(only)] if only else []) + (["--events", str(events)] if events else [])
             procs = [subprocess.Popen([sys.executable, "-m", "calofast", "study", str(plan_path), "-o", str(out),
                                        "--device", "cuda", "--shard", f"{k}/{n_gpu}", *flags],
                                       env={**os.environ, "CUDA_VISIBLE_DEVICES": str(k)}) for k in range(n_gpu)]
             codes = [p.wait() for p in procs]
             if any(c not in (0, 3) for c in codes):
                 raise RuntimeError(f"study shards exited with {codes}")
-            left = [lb for lb in labels if not (out / "rows" / lb / "eval" / "metrics.json").exists()]
+            mine = ([FLOOR] if plan.floor_seed is not None else []) + [r.label for r in plan.rows]
+            left = [lb for lb in mine if not (out / "rows" / lb / "eval" / "metrics.json").exists()]
         else:
             left = run_study(plan, out, device=device, shard=shard or (0, 1), **kw)
     if shard is None or shard == (0, 1):
         rows = collect_rows(out, labels)
-        paths = write_outputs(out, rows, plan.name, FLOOR if plan.floor_seed is not None else None)
+        paths = write_outputs(out, rows, full.name, FLOOR if full.floor_seed is not None else None)
         print(f"[study] {sum(r['status'] == 'ok' for r in rows)} of {len(rows)} rows done; "
               f"{', '.join(str(p) for p in paths)}")
     if left:

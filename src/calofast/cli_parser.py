@@ -1,0 +1,172 @@
+"""The command line's arguments: one subparser per subcommand (the commands themselves are in cli.py)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def build_parser(handlers: dict) -> argparse.ArgumentParser:
+    """The argument parser; `handlers` maps each subcommand to its function (cli.py)."""
+    p = argparse.ArgumentParser(prog="calofast", description="Fast calorimeter-shower simulation with "
+                                "diffusion models (CaloChallenge format).")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("gflash", help="simulate GFlash showers into a CaloChallenge HDF5 file",
+                       description="Simulate parameterised (GFlash) EM showers in the Par04 W/Si "
+                       "calorimeter, written in the CaloChallenge format.")
+    g.add_argument("--geometry", default="ds2", help="ds2, ds3 or a binning XML (default ds2)")
+    g.add_argument("--n", type=int, default=10_000, help="number of showers (default 10000)")
+    g.add_argument("--energies", default="log-uniform:1GeV:1TeV",
+                   help="spectrum: log-uniform:1GeV:1TeV (default), uniform:A:B, fixed:E, ds1-photons")
+    g.add_argument("--seed", type=int, default=0, help="random seed (event k depends only on seed, k)")
+    g.add_argument("--chunk", type=int, default=5000, help="showers per written chunk")
+    g.add_argument("--workers", type=int, default=1, help="parallel simulation processes (default 1)")
+    g.add_argument("--no-compress", action="store_true", help="write without gzip (fast scratch files)")
+    g.add_argument("--c-s", type=float, default=0.12, help="sampling term c_s (default 0.12)")
+    g.add_argument("--substeps", type=int, default=8, help="longitudinal sub-steps per layer")
+    g.add_argument("--summary", action="store_true", help="print a summary and plot it beside the file")
+    g.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    g.add_argument("-o", "--output", required=True, help="output .h5 file")
+    g.set_defaults(func=handlers["gflash"])
+
+    i = sub.add_parser("info", help="check a CaloChallenge file and print its summary",
+                       description="Validate a CaloChallenge HDF5 file and summarise its showers.")
+    i.add_argument("file", type=Path)
+    i.add_argument("--geometry", help="geometry (default: from the voxel count)")
+    i.add_argument("--max-events", type=int, help="only the first N showers")
+    i.add_argument("--plot", type=Path, help="write a summary plot (PNG) here")
+    i.set_defaults(func=handlers["info"])
+
+    t = sub.add_parser("train", help="train a diffusion model (torchrun for several GPUs/processes)",
+                       description="Train a denoiser on a CaloChallenge file. Resumes when re-run with the "
+                       "same output folder. Multi-GPU: torchrun --nproc-per-node N -m calofast train ...")
+    t.add_argument("--data", required=True, help="training file (CaloChallenge HDF5)")
+    t.add_argument("--preset", help="named config (tiny, ds2-unet, ds2-factorised, ...; default ds2-unet)")
+    t.add_argument("--init", help="continue from this bundle's weights, transform and config (fresh optimiser "
+                   "and schedule from its train.* options and --set)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4 (repeatable)")
+    t.add_argument("-o", "--output", required=True, help="run folder (config.json, stats.jsonl, model.safetensors)")
+    t.set_defaults(func=handlers["train"])
+
+    gen = sub.add_parser("generate", help="sample showers from a model bundle into a CaloChallenge file",
+                         description="Generate showers with any sampler. Distilled bundles bring their own "
+                         "sampler and steps.")
+    gen.add_argument("--model", required=True, help="model bundle (.safetensors)")
+    gen.add_argument("--sampler", help="ddpm, ddim, euler, heun, dpmpp-2m, dpmpp-2m-sde, unipc, consistency "
+                     "(default: the bundle's own, else dpmpp-2m)")
+    gen.add_argument("--steps", type=int, help="sampler steps (default: the bundle's own, else 20)")
+    gen.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default 0)")
+    gen.add_argument("--n", type=int, help="number of showers")
+    gen.add_argument("--energies", help="spectrum, e.g. log-uniform:1GeV:1TeV (default: the model's range)")
+    gen.add_argument("--energies-from", help="take incident energies event by event from this file")
+    gen.add_argument("--seed", type=int, default=0, help="seed; shower k depends only on (seed, k)")
+    gen.add_argument("--batch-size", type=int, default=1000)
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    gen.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the network (slow first batch)")
+    gen.add_argument("--force", action="store_true", help="overwrite the output")
+    gen.add_argument("--shard", help="K/N: only events K*n/N .. (K+1)*n/N - 1 (a SLURM array); 'torchrun': one shard "
+                     "per rank, written to OUTPUT.partRRRR-of-NNNN.h5; join with calofast merge (bit-identical to one run when "
+                     "each shard holds whole batches)")
+    gen.add_argument("-o", "--output", required=True)
+    gen.set_defaults(func=handlers["generate"])
+
+    ds = sub.add_parser("distill", help="distil a teacher into a few-step student (progressive or consistency)",
+                        description="Progressive distillation down to 1 step, or consistency distillation. "
+                        "Resumable; multi-GPU through torchrun like training.")
+    ds.add_argument("method", choices=("progressive", "consistency"))
+    ds.add_argument("--teacher", required=True, help="teacher bundle (.safetensors)")
+    ds.add_argument("--data", required=True, help="training showers (CaloChallenge HDF5)")
+    ds.add_argument("--start-steps", type=int, default=128, help="progressive: teacher steps of the first stage")
+    ds.add_argument("--to-steps", type=int, default=1, help="progressive: final student steps")
+    ds.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override, e.g. distill.showers_per_stage=200000, distill.cm_steps=40")
+    ds.add_argument("-o", "--output", required=True, help="run folder")
+    ds.set_defaults(func=handlers["distill"])
+
+    ev = sub.add_parser("evaluate", help="CaloChallenge evaluation of generated vs reference showers",
+                        description="Features, separation powers, classifier AUCs, FPD/KPD, plots and report.html.")
+    ev.add_argument("--generated", required=True)
+    ev.add_argument("--reference", required=True)
+    ev.add_argument("--geometry", default="ds2")
+    ev.add_argument("--fast", action="store_true", help="shortened classifier (smoke runs; not comparable)")
+    ev.add_argument("--min-events", type=int, help="accept files smaller than the official protocol's size")
+    ev.add_argument("--classifiers", default="low,high", help="which classifier tests (low,high; empty: none)")
+    ev.add_argument("--device", help="classifier device (default: cuda if available)")
+    ev.add_argument("--label", help="name in the report")
+    ev.add_argument("-o", "--output", required=True, help="report folder")
+    ev.set_defaults(func=handlers["evaluate"])
+
+    be = sub.add_parser("bench", help="time per shower (CaloChallenge timing protocol)",
+                        description="Warm-up, then repeated timed batches; CUDA synchronised; mean, std, median.")
+    be.add_argument("--model", required=True)
+    be.add_argument("--sampler")
+    be.add_argument("--steps", type=int)
+    be.add_argument("--batch-sizes", default="1,100,10000")
+    be.add_argument("--repeats", type=int, default=10)
+    be.add_argument("--device", default="cpu")
+    be.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    be.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    be.add_argument("--compile", action="store_true", help="torch.compile the network (compiled in the warm-up)")
+    be.add_argument("-o", "--output", help="write the table (.csv or .json)")
+    be.set_defaults(func=handlers["bench"])
+
+    ex = sub.add_parser("export", help="export a bundle + few-step sampler to ONNX (Geant4 Par04) or TorchScript",
+                        description="One ONNX file (opset 17) with preprocessing, the unrolled sampler and the "
+                        "inverse transform. Distilled bundles bring their own sampler and steps.")
+    ex.add_argument("--model", required=True)
+    ex.add_argument("--sampler", help="euler, ddim, heun, dpmpp-2m or consistency (deterministic only)")
+    ex.add_argument("--steps", type=int)
+    ex.add_argument("--flavour", choices=("par04", "reproducible"), default="reproducible")
+    ex.add_argument("--format", choices=("onnx", "torchscript"), default="onnx",
+                    help="torchscript is a secondary path (reproducible signature)")
+    ex.add_argument("--par04-energy-scale", type=float, default=1.0,
+                    help="par04 flavour: factor on the output (1 = CaloChallenge scale; 0.033 = silicon only)")
+    ex.add_argument("--force", action="store_true")
+    ex.add_argument("-o", "--output", required=True)
+    ex.set_defaults(func=handlers["export"])
+
+    mg = sub.add_parser("merge", help="join the part files of a sharded generate run (validated, atomic)")
+    mg.add_argument("parts", nargs="+", type=Path)
+    mg.add_argument("-o", "--output", required=True, type=Path)
+    mg.add_argument("--force", action="store_true", help="overwrite the output")
+    mg.set_defaults(func=handlers["merge"])
+
+    st = sub.add_parser("study", help="generate, time and evaluate every row of a plan; one table and plot",
+                        description="Run a study plan (TOML: [reference], [defaults], [[rows]]; see studies/): "
+                        "each row generated in chunks, timed, evaluated against the reference; writes DIR/table.csv, "
+                        "table.md, pareto.png, index.html. Re-run the same command to resume. Exit 3: a deadline "
+                        "left rows unfinished.")
+    st.add_argument("plan", type=Path)
+    st.add_argument("-o", "--output", required=True, type=Path, help="study folder (resumed if it exists)")
+    st.add_argument("--device", default="cpu", help="cpu or cuda (every visible GPU: one shard each)")
+    st.add_argument("--fast", action="store_true", help="small classifier and fewer bootstraps (smoke runs only)")
+    st.add_argument("--eval-jobs", type=int, default=0, help="evaluations in this many worker processes "
+                    "while the next row generates (default 0: in turn)")
+    st.add_argument("--deadline", type=float, default=0, help="stop starting work after this many seconds")
+    st.add_argument("--workers", type=int, default=1, help="processes for GFlash reference showers")
+    st.add_argument("--keep-showers", action="store_true", help="keep each row's showers.h5 after evaluation")
+    st.add_argument("--table-only", action="store_true", help="only rewrite the table, plot and index")
+    st.add_argument("--only", help="comma-separated row labels to run (gflash-floor included only if named)")
+    st.add_argument("--events", type=int, help="events per row instead of the plan's n (smoke runs; new folder)")
+    st.add_argument("--shard", help="K/N: run rows K, K+N, ... only (one process per GPU; no table)")
+    st.set_defaults(func=handlers["study"])
+
+    d = sub.add_parser("demo", help="the main job: GFlash truth, shipped model, evaluation report",
+                       description="Simulate fresh GFlash DS2 truth, generate the same events with a shipped model "
+                       "through a few-step sampler, evaluate them with the CaloChallenge protocol and print the "
+                       "path of report.html.")
+    d.add_argument("--n", type=int, default=2000, help="showers (default 2000)")
+    d.add_argument("--model", default="ds2-student-pd-2step",
+                   help="bundle or shipped name (default ds2-student-pd-2step, fast on a CPU; on a GPU use "
+                        "ds2-factorised, the better model: its default is DPM-Solver++(2M) with 32 steps)")
+    d.add_argument("--sampler")
+    d.add_argument("--steps", type=int)
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--full", dest="fast", action="store_false",
+                   help="full classifier protocol (default: the fast one, minutes on a CPU)")
+    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("-o", "--output", default="demo", help="output folder (default demo/)")
+    d.set_defaults(func=handlers["demo"])
+    return p
