@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 import tomllib
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -279,8 +279,6 @@ def run_study(plan: Plan, out: "str | Path", *, device: str = "cpu", fast: bool 
             os.environ[var] = str(threads)
         pool = ProcessPoolExecutor(eval_jobs, mp_context=get_context("spawn"), initializer=_worker_init,
                                    initargs=(str(ref), geometry, plan.n, threads))
-    else:
-        _worker_init(str(ref), geometry, plan.n)
     late = lambda: deadline > 0 and time.time() - t0 > deadline
     try:
         for label in mine:
@@ -297,24 +295,39 @@ def run_study(plan: Plan, out: "str | Path", *, device: str = "cpu", fast: bool 
                 print(f"[study] {label}: generated ({time.time() - t0:.0f} s); evaluating", flush=True)
             args = (label, str(d / "showers.h5"), str(d / "eval"), geometry, fast, eval_dev, plan.n)
             if pool is None:
+                if _REFERENCE is None or _REFERENCE.path != ref or _REFERENCE.n != plan.n:
+                    _worker_init(str(ref), geometry, plan.n)       # once, when the first row needs it
                 _evaluate(*args)
                 _finish(d, label, keep_showers)
             else:
                 pending[label] = (pool.submit(_evaluate, *args), d)
-        for label, (fut, d) in pending.items():
-            remaining = max(1.0, deadline - (time.time() - t0)) if deadline > 0 else None
-            try:
-                fut.result(timeout=remaining)
-                _finish(d, label, keep_showers)
-            except TimeoutError:
-                left.append(label)
+                _collect(pending, keep_showers, eval_jobs, t0, deadline)     # at most eval_jobs rows waiting
+        left += _collect(pending, keep_showers, 0, t0, deadline)
     finally:
         if pool is not None:
             pool.shutdown(wait=not left, cancel_futures=True)
-            if left:
-                for p in list(getattr(pool, "_processes", {}).values()):
+            if left:     # evaluations cut off by the deadline: stop them (no public API before Python 3.14)
+                for p in list((getattr(pool, "_processes", None) or {}).values()):
                     p.terminate()
     return left
+
+
+def _collect(pending: dict, keep_showers: bool, keep: int, t0: float, deadline: float) -> list[str]:
+    """Finish evaluated rows; block until at most `keep` are still running, or the deadline passes (then the
+    ones still running are returned as unfinished)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+    while pending:
+        for label in [lb for lb, (fut, _) in pending.items() if fut.done()]:
+            fut, d = pending.pop(label)
+            fut.result()                       # an evaluation's error stops the study (re-run resumes)
+            _finish(d, label, keep_showers)
+        if len(pending) <= keep:
+            return []
+        remaining = deadline - (time.time() - t0) if deadline > 0 else None
+        if remaining is not None and remaining <= 0:
+            return list(pending)
+        wait([fut for fut, _ in pending.values()], timeout=remaining, return_when=FIRST_COMPLETED)
+    return []
 
 
 def _finish(d: Path, label: str, keep_showers: bool) -> None:
