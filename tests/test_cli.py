@@ -56,6 +56,26 @@ def test_xml_geometry_gives_identical_file(tmp_path):
     (["gflash", "--geometry", "ds1-photons", "--n", "3", "-o", "z.h5"], "no material description"),
     (["gflash", "--energies", "log-uniform:1TeV:1GeV", "--n", "3", "-o", "z.h5"], "upper bound"),
     (["gflash", "--energies", "fixed:10MeV", "--n", "3", "-o", "z.h5"], "below the GFlash domain"),
+    # issue 17, false success and garbage-making values: refused before any work, the option named
+    (["gflash", "--n", "3", "--chunk", "-1", "-o", "z.h5"], "--chunk -1"),
+    (["gflash", "--n", "0", "-o", "z.h5"], "--n 0"),
+    (["gflash", "--n", "3", "--workers", "0", "-o", "z.h5"], "--workers 0"),
+    (["generate", "--model", "ds2-student-pd-1step", "--n", "3", "--batch-size", "-1", "-o", "z.h5"], "--batch-size -1"),
+    (["generate", "--model", "ds2-student-pd-1step", "--n", "-5", "-o", "z.h5"], "--n -5"),
+    (["generate", "--model", "ds2-student-pd-1step", "--n", "3", "--steps", "0", "-o", "z.h5"], "--steps 0"),
+    (["generate", "--model", "ds2-student-pd-1step", "--n", "3", "--device", "bogus", "-o", "z.h5"], "--device bogus"),
+    (["generate", "--model", "ds2-student-pd-1step", "--n", "3", "--device", "cuda:99", "-o", "z.h5"], "no such CUDA"),
+    (["bench", "--model", "ds2-student-pd-1step", "--batch-sizes", "0", "-o", "z.h5"], "--batch-sizes 0"),
+    (["bench", "--model", "ds2-student-pd-1step", "--repeats", "0", "-o", "z.h5"], "--repeats 0"),
+    (["bench", "--model", "ds2-student-pd-1step", "--threads", "-1", "-o", "z.h5"], "--threads -1"),
+    (["train", "--data", "z.h5", "--preset", "tiny", "--set", "train.showers=0", "-o", "run"], "train.showers=0"),
+    (["train", "--data", "z.h5", "--preset", "tiny", "--set", "train.lr=inf", "-o", "run"], "train.lr=inf"),
+    (["train", "--data", "z.h5", "--preset", "tiny", "--set", "train.batch_size=0", "-o", "run"], "batch_size=0"),
+    (["train", "--data", "z.h5", "--preset", "tiny-transformer", "--set", "network.heads=0", "-o", "run"], "heads=0"),
+    (["distill", "progressive", "--teacher", "ds2-student-pd-2step", "--data", "z.h5", "--start-steps", "4",
+      "--to-steps", "8", "-o", "run"], "--to-steps 8"),
+    (["evaluate", "--generated", "z.h5", "--reference", "z.h5", "--geometry", "ds2", "--classifiers", "bogus",
+      "-o", "ev"], "unknown bogus"),
 ])
 def test_bad_input_gives_one_line(tmp_path, monkeypatch, capsys, args, match):
     monkeypatch.chdir(tmp_path)

@@ -170,3 +170,16 @@ def test_torchrun_cli_train(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert load_bundle(tmp_path / "run/model.safetensors").meta["train_events_seen"] == "256"
+
+
+def test_diverging_training_stops_with_one_line_and_writes_no_bundle(tmp_path, capsys):
+    """A finite but absurd learning rate blows the weights up: the loop refuses to log or checkpoint a
+    non-finite loss, so no bundle with non-finite weights appears."""
+    args = ["train", "--data", str(tiny_data(tmp_path)), "--preset", "tiny", "--set", f"geometry={tiny_xml(tmp_path)}",
+            "--set", "train.lr=1e30", "--set", "train.showers=4096", "--set", "train.warmup_showers=0",
+            "--set", "train.log_showers=256", "-o", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("calofast: error:")]
+    assert len(errors) == 1 and "training loss is" in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "run/model.safetensors").exists()

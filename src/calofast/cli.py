@@ -16,6 +16,26 @@ __all__ = ["main"]
 log = logging.getLogger("calofast")
 
 
+def _positive(**values) -> None:
+    """Refuse counts below 1, naming the option: --batch-size 0 must not 'succeed' writing nothing."""
+    for name, v in values.items():
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {v}: must be at least 1")
+
+
+def _device(text: str) -> str:
+    import torch
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {text}: no such CUDA device on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text}: only cpu and cuda are supported")
+    return text
+
+
 def _geometry(text: str):
     from .geometry import get_geometry
     return get_geometry(text)
@@ -24,6 +44,7 @@ def _geometry(text: str):
 # ---------------------------------------------------------------------- subcommands
 def cmd_gflash(a: argparse.Namespace) -> int:
     from .gflash import GFlashConfig, write_gflash
+    _positive(n=a.n, chunk=a.chunk, workers=a.workers)
     geo = _geometry(a.geometry)
     path = write_gflash(a.output, geo, a.n, a.energies, a.seed, chunk=a.chunk, force=a.force,
                         config=GFlashConfig(c_s=a.c_s, substeps=a.substeps), workers=a.workers,
@@ -79,6 +100,9 @@ def cmd_distill(a: argparse.Namespace) -> int:
     from .checkpoint import load_bundle
     from .config import apply_overrides
     from .distill import distill_consistency, distill_progressive
+    if a.method == "progressive" and not (1 <= a.to_steps < a.start_steps):
+        raise ValueError(f"--to-steps {a.to_steps} --start-steps {a.start_steps}: progressive distillation halves "
+                         "the steps, so 1 <= --to-steps < --start-steps")
     base = load_bundle(a.teacher).config
     sets = list(a.set or [])
     if a.method == "progressive":
@@ -102,6 +126,7 @@ def _energies(a: argparse.Namespace, bundle):
         return e.astype(np.float64)
     if a.n is None:
         raise ValueError("--n is required unless --energies-from gives the events")
+    _positive(n=a.n)
     if a.energies:
         return parse_spectrum(a.energies).sample(a.seed, range(a.n))
     lo, hi = bundle.transform.energy_range
@@ -130,9 +155,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         output = output.with_name(f"{output.stem}.part{shard[0]:04d}-of-{shard[1]:04d}{output.suffix}")
         if device == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    if a.batch_size < 1:
-        raise ValueError(f"--batch-size {a.batch_size}: must be at least 1")
-    bundle = load_bundle(a.model, device=device)
+    _positive(batch_size=a.batch_size, steps=a.steps, n=a.n)
+    bundle = load_bundle(a.model, device=_device(device))
     energies, first = _energies(a, bundle), 0
     if shard is not None:
         events = shard_range(len(energies), *shard)
@@ -159,6 +183,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_files
     geo = _geometry(a.geometry)
     classifiers = tuple(c for c in a.classifiers.split(",") if c) if a.classifiers else ()
+    if bad := [c for c in classifiers if c not in ("low", "high")]:
+        raise ValueError(f"--classifiers {a.classifiers}: unknown {', '.join(bad)} (choose low, high or both)")
+    if a.device:
+        _device(a.device)
     m = evaluate_files(a.generated, a.reference, geo, a.output, fast=a.fast, min_events=a.min_events,
                        classifiers=classifiers, device=a.device, label=a.label or Path(a.generated).stem)
     for key in ("classifier_low", "classifier_high"):
@@ -177,13 +205,19 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     from .bench import bench, write_table
     from .checkpoint import load_bundle
+    sizes = [b for b in a.batch_sizes.split(",") if b.strip()]
+    if not sizes or not all(b.strip().isdigit() and int(b) >= 1 for b in sizes):
+        raise ValueError(f"--batch-sizes {a.batch_sizes}: expected positive integers, e.g. 1,100,10000")
+    _positive(repeats=a.repeats, steps=a.steps)
+    if a.threads is not None and a.threads < 1:
+        raise ValueError(f"--threads {a.threads}: must be at least 1")
     if a.threads:
         torch.set_num_threads(a.threads)
-    bundle = load_bundle(a.model, device=a.device)
+    bundle = load_bundle(a.model, device=_device(a.device))
     if a.compile:
         from .generate import compile_network
         compile_network(bundle)
-    rows = bench(bundle, a.sampler, a.steps, [int(b) for b in a.batch_sizes.split(",")], a.repeats,
+    rows = bench(bundle, a.sampler, a.steps, [int(b) for b in sizes], a.repeats,
                  bf16=a.dtype == "bf16")
     print(f"{'sampler':>14} {'NFE':>5} {'batch':>6} {'ms/shower':>12} {'std':>9} {'showers/s':>11}  device")
     for r in rows:
@@ -213,7 +247,7 @@ def cmd_study(a: argparse.Namespace) -> int:
     if a.eval_jobs < 0 or a.deadline < 0 or a.workers < 1:
         raise ValueError("--eval-jobs and --deadline must be >= 0 and --workers >= 1")
     only = [x for x in a.only.split(",") if x] if a.only else None
-    return study(a.plan, a.output, device=a.device, shard=shard, table_only=a.table_only, fast=a.fast,
+    return study(a.plan, a.output, device=_device(a.device), shard=shard, table_only=a.table_only, fast=a.fast,
                  only=only, events=a.events,
                  eval_jobs=a.eval_jobs, deadline=a.deadline, keep_showers=a.keep_showers, workers=a.workers)
 
@@ -228,6 +262,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .generate import generate_file, nfe_text
     from .geometry import get_geometry
     from .gflash import write_gflash
+    _positive(n=a.n, steps=a.steps)
+    _device(a.device)
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     truth = out / "ds2_gflash_truth.h5"

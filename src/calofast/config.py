@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 __all__ = ["NetworkConfig", "TransformConfig", "DiffusionConfig", "TrainConfig", "DistillConfig", "StageConfig", "Config",
-           "PRESETS", "get_preset", "apply_overrides", "to_dict", "from_dict"]
+           "PRESETS", "get_preset", "apply_overrides", "check_config", "to_dict", "from_dict"]
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,43 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         cfg = _set(cfg, parts, value.strip(), key)
+    check_config(cfg)
     return cfg
+
+
+# (section.field, test, what it must be): values that would train nothing, or garbage, are refused up front.
+_RULES = [
+    ("batch_size", lambda v: v >= 1, "at least 1"), ("showers", lambda v: v >= 1, "at least 1"),
+    ("checkpoint_showers", lambda v: v >= 1, "at least 1"), ("log_showers", lambda v: v >= 1, "at least 1"),
+    ("lr", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
+    ("grad_clip", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
+    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
+    ("budget_seconds", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
+    ("max_seconds", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
+    ("warmup_showers", lambda v: v >= 0, ">= 0"), ("ema_halflife_showers", lambda v: v >= 1, "at least 1"),
+    ("heads", lambda v: v >= 1, "at least 1"), ("width", lambda v: v >= 1, "at least 1"),
+    ("depth", lambda v: v >= 1, "at least 1"), ("emb_dim", lambda v: v >= 1, "at least 1"),
+    ("timesteps", lambda v: 2 <= v <= 100_000, "between 2 and 100,000"),
+    ("sigma_min", lambda v: math.isfinite(v) and v > 0, "finite and > 0"),
+    ("sigma_max", lambda v: math.isfinite(v) and v > 0, "finite and > 0"),
+    ("p_std", lambda v: math.isfinite(v) and v > 0, "finite and > 0"),
+    ("p_mean", math.isfinite, "finite"), ("alpha", lambda v: 0 < v < 0.5, "in (0, 0.5)"),
+]
+
+
+def check_config(cfg: "Config") -> None:
+    """One clear error for the first out-of-range value (key named as in --set)."""
+    sections = {"train": cfg.train, "network": cfg.network, "diffusion": cfg.diffusion, "transform": cfg.transform,
+                "energy.train": cfg.energy.train, "energy.network": cfg.energy.network,
+                "energy.diffusion": cfg.energy.diffusion}
+    for prefix, section in sections.items():
+        for name, ok, what in _RULES:
+            if hasattr(section, name) and not ok(getattr(section, name)):
+                raise ValueError(f"{prefix}.{name}={getattr(section, name)}: must be {what}")
+        if isinstance(section, DiffusionConfig) and section.sigma_max <= section.sigma_min:
+            raise ValueError(f"{prefix}.sigma_max must exceed {prefix}.sigma_min")
+        if isinstance(section, NetworkConfig) and section.arch == "transformer" and section.width % section.heads:
+            raise ValueError(f"{prefix}.width={section.width} must be a multiple of {prefix}.heads={section.heads}")
 
 
 def _set(obj, parts: list[str], value: str, key: str):

@@ -71,6 +71,8 @@ def _resolve(stage: Stage, name: str | None, steps: int | None, where: str) -> t
             raise ValueError(f"{where}: distilled for {spec['name']} with {spec['steps']} steps; "
                              f"other step counts need an explicit --sampler")
         steps = steps or int(spec["steps"])
+    if steps is not None and steps < 1:
+        raise ValueError(f"{where}: steps must be at least 1 (got {steps})")
     steps = steps or 20
     return name, steps, make_sigmas(stage.denoiser, name, steps)
 

@@ -207,6 +207,11 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
             elapsed = elapsed0 + float(clock)
             stop = cfg.max_seconds > 0 and float(clock) > cfg.max_seconds
         done = progress(cfg, shown, elapsed)
+        if (shown >= next_log or shown >= next_ckpt or done >= 1 or stop) and not math.isfinite(float(loss_sum)):
+            # Checked before any record or checkpoint: a diverged run never writes non-finite weights.
+            bar.close()
+            raise ValueError(f"{run_dir}: training loss is {float(loss_sum)} by step {step} (lr {lr:.3g}); "
+                             "lower train.lr or check the data; the last checkpoint is kept")
         if shown >= next_log or done >= 1 or stop:
             next_log += cfg.log_showers
             mean_loss = _all_mean(float(loss_sum) / max(loss_n, 1), d)
