@@ -1,3 +1,5 @@
+import os
+import stat
 import subprocess
 import sys
 
@@ -49,6 +51,17 @@ def test_xml_geometry_gives_identical_file(tmp_path):
     main(["gflash", "--geometry", str(reference_dir() / "binning_dataset_2.xml"), "--n", "20", "--seed", "4", "-o", str(b)])
     for x, y in zip(read_showers(a), read_showers(b)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_force_never_replaces_a_non_regular_file(tmp_path, capsys):
+    """--force overwrites regular files only: a directory or a FIFO (as /dev/full for root) stays."""
+    fifo = tmp_path / "fifo.h5"
+    os.mkfifo(fifo)
+    (tmp_path / "dir.h5").mkdir()
+    for target in (fifo, tmp_path / "dir.h5"):
+        assert main(["gflash", "--n", "2", "--force", "-o", str(target)]) == 2
+        assert "not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and (tmp_path / "dir.h5").is_dir()
 
 
 @pytest.mark.parametrize("args, match", [

@@ -55,6 +55,10 @@ def git_commit() -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary in the same folder and rename; never replaces anything but a regular file."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path}: exists and is not a regular file; refusing to replace it")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)

@@ -159,10 +159,11 @@ class ShowerWriter:
     def __init__(self, path: "str | Path", n_voxels: int, *, force: bool = False,
                  chunk_rows: int = 256, compression_level: int = 4, attrs: dict | None = None):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_file():
+            raise ShowerFileError(f"{self.path}: exists and is not a regular file; refusing to replace it "
+                                  "(--force only overwrites regular files)")
         if self.path.exists() and not force:
             raise ShowerFileError(f"{self.path}: exists already; refusing to overwrite (use --force)")
-        if self.path.is_dir():
-            raise ShowerFileError(f"{self.path}: is a directory")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self.n_voxels, self.n = n_voxels, 0
