@@ -98,3 +98,34 @@ def test_refuses_mismatched_files(files, tmp_path, capsys):
     assert main(["evaluate", "--generated", str(fewer), "--reference", str(a), "--min-events", "1000", "--fast",
                  "-o", str(tmp_path / "r")]) == 2
     assert "needs equal counts" in capsys.readouterr().err
+
+
+def test_a_plot_that_fails_is_skipped_and_the_metrics_survive(files, tmp_path, monkeypatch):
+    """metrics.json is written before any plot; a plot that raises is named in the report instead."""
+    import calofast.plots as plots
+
+    def broken(*a, **k):
+        raise ValueError("Number of rows must be a positive integer, not 0")
+
+    monkeypatch.setattr(plots, "plot_mean_showers", broken)
+    tmp, a, b, *_ = files
+    m = evaluate_files(a, b, DS2, tmp_path / "ev", fast=True, min_events=1000, classifiers=(), distances=False,
+                       progress=False)
+    saved = json.loads((tmp_path / "ev/metrics.json").read_text())
+    assert saved["plot_errors"] == {"mean_showers": "ValueError: Number of rows must be a positive integer, not 0"}
+    assert set(saved["plots"]) == {"histograms", "response"} and saved["separation_power"] == m["separation_power"]
+    assert "plot <b>mean_showers</b> skipped" in (tmp_path / "ev/report.html").read_text()
+
+
+def test_energies_from_reads_only_the_energies(tmp_path, capsys):
+    """--energies-from takes the incident energies alone (checked) and never reads the showers."""
+    from calofast.data import read_energies
+    path = write_showers(tmp_path / "e.h5", np.array([1e3, 2e4, 5e5]), np.ones((3, DS2.n_voxels)))
+    with h5py.File(path, "r+") as f:
+        f["showers"][1] = np.nan                      # a bad shower does not matter for its energy
+    np.testing.assert_allclose(read_energies(path, stop=2), [1e3, 2e4])
+    with h5py.File(path, "r+") as f:
+        f["incident_energies"][2] = -1.0
+    assert main(["generate", "--model", "ds2-student-pd-1step", "--energies-from", str(path), "-o",
+                 str(tmp_path / "g.h5")]) == 2
+    assert "incident energy -1.0 at event 2" in capsys.readouterr().err and not (tmp_path / "g.h5").exists()

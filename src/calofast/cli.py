@@ -119,11 +119,11 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
 def _energies(a: argparse.Namespace, bundle):
     import numpy as np
-    from .data import read_showers
+    from .data import read_energies
     from .energies import parse_spectrum
     if a.energies_from:
-        e, _ = read_showers(a.energies_from, stop=a.n, validate=False)
-        return e.astype(np.float64)
+        _positive(n=a.n)
+        return read_energies(a.energies_from, stop=a.n)
     if a.n is None:
         raise ValueError("--n is required unless --energies-from gives the events")
     _positive(n=a.n)
@@ -257,7 +257,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     import numpy as np
 
     from .checkpoint import load_bundle
-    from .data import read_showers
+    from .data import read_energies
     from .evaluate import evaluate_files
     from .generate import generate_file, nfe_text
     from .geometry import get_geometry
@@ -272,9 +272,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
                      workers=min(4, os.cpu_count() or 1))
     cmd_info(argparse.Namespace(file=truth, geometry="ds2", max_events=None, plot=out / "ds2_gflash_truth.png"))
     bundle = load_bundle(a.model, device=a.device)
-    energies, _ = read_showers(truth, validate=False)
+    energies = read_energies(truth)
     generated = out / f"generated_{Path(a.model).stem}.h5"
-    stats = generate_file(bundle, generated, energies.astype(np.float64), seed=a.seed + 1, sampler=a.sampler,
+    stats = generate_file(bundle, generated, energies, seed=a.seed + 1, sampler=a.sampler,
                           steps=a.steps, batch_size=500, force=True, bf16=a.device.startswith("cuda"))
     print(f"generated {stats.n} showers with {Path(a.model).stem}: {stats.sampler} x{stats.steps}, "
           f"{nfe_text(stats.nfe)}, {stats.showers_per_s:.1f} showers/s on {a.device}")

@@ -20,7 +20,7 @@ import numpy as np
 
 from .geometry import Geometry, geometry_for_voxels
 
-__all__ = ["ShowerFileError", "ShowerFileInfo", "inspect_file", "iter_showers", "read_showers",
+__all__ = ["ShowerFileError", "ShowerFileInfo", "inspect_file", "iter_showers", "read_showers", "read_energies",
            "ShowerWriter", "write_showers", "check_values", "file_attrs"]
 
 ENERGIES, SHOWERS = "incident_energies", "showers"
@@ -138,6 +138,23 @@ def iter_showers(path: "str | Path", batch_size: int = 10_000, *, geometry: Geom
             if validate:
                 check_values(path, energies, showers, first=lo)
             yield energies, showers
+
+
+def read_energies(path: "str | Path", stop: int | None = None) -> np.ndarray:
+    """The first `stop` incident energies [N] (MeV, float64) alone, checked finite and positive: what
+    `--energies-from` needs, without reading a single shower."""
+    path = Path(path)
+    info = inspect_file(path)
+    stop = info.n_events if stop is None else min(stop, info.n_events)
+    with _open(path) as f:
+        try:
+            energies = np.asarray(f[ENERGIES][:stop], dtype=np.float64).reshape(-1)
+        except (OSError, RuntimeError) as err:
+            raise ShowerFileError(f"{path}: cannot read the incident energies, file truncated or corrupt ({err})") from None
+    if not np.all(np.isfinite(energies)) or np.any(energies <= 0):
+        bad = np.flatnonzero(~np.isfinite(energies) | (energies <= 0))
+        raise ShowerFileError(f"{path}: incident energy {energies[bad[0]]} at event {bad[0]} is not a positive number")
+    return energies
 
 
 def read_showers(path: "str | Path", *, geometry: Geometry | None = None, start: int = 0,

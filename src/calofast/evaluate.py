@@ -142,19 +142,32 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
         metrics["fpd"] = {"value": f_val, "error": f_err, "x1e3": f_val * 1e3}
         metrics["kpd"] = {"value": k_val, "error": k_err, "x1e3": k_val * 1e3}
         lap("fpd_kpd")
+    metrics["seconds"] = seconds
+    _write_json(out_dir / "metrics.json", metrics)          # the numbers are safe before any plot is tried
     if plots:
         from .plots import plot_histograms, plot_mean_showers, plot_response
-        figs = {"histograms": plot_histograms(ff_r, ff_g, geometry, vh, edges, out_dir / "histograms.png"),
-                "response": plot_response(ff_r, ff_g, out_dir / "response.png")}
+        makers = {"histograms": lambda p: plot_histograms(ff_r, ff_g, geometry, vh, edges, p),
+                  "response": lambda p: plot_response(ff_r, ff_g, p)}
         if geometry.is_regular:
-            figs["mean_showers"] = plot_mean_showers(ff_r, ff_g, geometry, out_dir / "mean_showers.png")
-        metrics["plots"] = {k: v.name for k, v in figs.items()}
+            makers["mean_showers"] = lambda p: plot_mean_showers(ff_r, ff_g, geometry, p)
+        metrics["plots"], metrics["plot_errors"] = {}, {}
+        for name, make in makers.items():
+            try:
+                metrics["plots"][name] = make(out_dir / f"{name}.png").name
+            except Exception as err:           # a plot that cannot be drawn is skipped and said so in the report
+                log.warning("plot %s skipped: %s", name, err)
+                metrics["plot_errors"][name] = f"{type(err).__name__}: {err}"
         lap("plots")
-    metrics["seconds"] = seconds
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        _write_json(out_dir / "metrics.json", metrics)
     if plots:
         metrics["report"] = str(write_report(metrics, out_dir))
     return metrics
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
 
 
 def _img(path: Path) -> str:
@@ -185,6 +198,7 @@ def write_report(metrics: dict, out_dir: Path) -> Path:
                  f"reference {r['reference']['mean']:.4f} ({r['reference']['std']:.4f})"))
     table = "\n".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td></tr>" for a, b in rows)
     imgs = "\n".join(f"<h2>{html.escape(k.replace('_', ' '))}</h2>{_img(out_dir / v)}" for k, v in m.get("plots", {}).items())
+    imgs += "".join(f"<p>plot <b>{html.escape(k)}</b> skipped: {html.escape(e)}</p>" for k, e in m.get("plot_errors", {}).items())
     note = ("<p><b>Fast mode</b>: shortened classifier, numbers are for smoke runs only.</p>" if m.get("fast") else "")
     page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>calofast evaluation {html.escape(m['label'])}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td{{padding:3px 12px;border-bottom:1px solid #ddd}}</style>

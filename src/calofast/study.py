@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import file_attrs, inspect_file, read_showers
+from .data import file_attrs, inspect_file, read_energies
 from .geometry import Geometry, get_geometry
 
 __all__ = ["Row", "Plan", "load_plan", "run_study", "study", "FLOOR"]
@@ -142,7 +142,7 @@ def prepare_inputs(plan: Plan, out: Path, geometry: Geometry, workers: int = 1) 
         raise ValueError(f"{ref}: {n_ref} events, the plan asks for {plan.n}")
     floor = out / "rows" / FLOOR / "showers.h5"
     if plan.floor_seed is not None and not floor.exists():
-        energies = read_showers(ref, stop=plan.n, validate=False)[0].astype(np.float64)
+        energies = read_energies(ref, stop=plan.n)
         write_gflash(floor, geometry, plan.n, energies, int(plan.floor_seed), workers=workers, compression_level=0)
         (floor.parent / "generation.json").write_text(json.dumps({"label": FLOOR, "family": "GFlash",
                                                                   "seed": plan.floor_seed}) + "\n")
@@ -266,7 +266,7 @@ def run_study(plan: Plan, out: "str | Path", *, device: str = "cpu", fast: bool 
     _check_folder(plan, out)
     geometry = _geometry(plan)
     ref = prepare_inputs(plan, out, geometry, workers)
-    energies = read_showers(ref, stop=plan.n, validate=False)[0].astype(np.float64)
+    energies = read_energies(ref, stop=plan.n)
     labels = ([FLOOR] if plan.floor_seed is not None else []) + [r.label for r in plan.rows]
     mine = labels[shard[0]::shard[1]]
     rows = {r.label: r for r in plan.rows}
