@@ -98,6 +98,10 @@ def test_refuses_mismatched_files(files, tmp_path, capsys):
     assert main(["evaluate", "--generated", str(fewer), "--reference", str(a), "--min-events", "1000", "--fast",
                  "-o", str(tmp_path / "r")]) == 2
     assert "needs equal counts" in capsys.readouterr().err
+    # both problems at once, in one line, each with its fix
+    assert main(["evaluate", "--generated", str(fewer), "--reference", str(a), "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--min-events 3000" in err and "--energies-from" in err and err.count("\n") == 1, err
 
 
 def test_a_plot_that_fails_is_skipped_and_the_metrics_survive(files, tmp_path, monkeypatch):

@@ -86,13 +86,17 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
                                   f"has {geometry.n_voxels}")
     need = min_events if min_events is not None else (1000 if fast else PROTOCOL_EVENTS.get(geometry.name, 1000))
     n = min(info_g.n_events, info_r.n_events)
+    problems = []                 # every requirement checked before any work, reported together
     if n < need:
-        raise ShowerFileError(f"{generated if info_g.n_events < need else ref_path}: {n} events, the protocol needs "
-                              f"{need} (set --min-events to evaluate smaller sets; numbers then are not comparable "
-                              "to published ones)")
+        problems.append(f"{generated if info_g.n_events < need else ref_path} has {n} events and the protocol needs "
+                        f"{need} (give --min-events {n} to evaluate smaller sets; the numbers are then not comparable "
+                        "to published ones)")
     if classifiers and info_g.n_events != info_r.n_events and not (isinstance(reference, Reference) and reference.n == info_g.n_events):
-        raise ShowerFileError(f"{generated}: {info_g.n_events} events but the reference has {info_r.n_events}; "
-                              "the classifier test needs equal counts (generate with --energies-from the reference)")
+        problems.append(f"{generated} has {info_g.n_events} events but the reference {info_r.n_events}: the classifier "
+                        f"test needs equal counts (calofast generate --model MODEL --energies-from {ref_path} "
+                        f"-o {generated}), or give --classifiers ''")
+    if problems:
+        raise ShowerFileError("; and ".join(problems))
     out_dir.mkdir(parents=True, exist_ok=True)
     clock, seconds = time.perf_counter(), {}
 
