@@ -31,8 +31,11 @@ def hardware(device: torch.device) -> str:
 
 
 def bench(bundle: Bundle, sampler: str | None, steps: int | None, batch_sizes=(1, 100, 10_000), repeats: int = 10,
-          bf16: bool = False, label: str = "", seed: int = 0, knobs: dict | None = None) -> list[dict]:
-    """One row per batch size (`knobs`: the main stage's sampler options, e.g. eta)."""
+          bf16: bool = False, label: str = "", seed: int = 0, knobs: dict | None = None,
+          progress: bool = False) -> list[dict]:
+    """One row per batch size (`knobs`: the main stage's sampler options, e.g. eta); `progress`: a bar per
+    batch size over its warm-up and repeats."""
+    from tqdm import tqdm
     device = next(bundle.denoiser.parameters()).device
     name, n_steps, sigmas = resolve_sampler(bundle, sampler, steps)
     lo, hi = bundle.transform.energy_range
@@ -50,11 +53,15 @@ def bench(bundle: Bundle, sampler: str | None, steps: int | None, batch_sizes=(1
                 torch.cuda.synchronize(device)
             return time.perf_counter() - t0, nfe
 
+        bar = tqdm(total=repeats + 1, desc=f"bench batch {b}", disable=not progress)
         once()                                              # warm-up (allocations, cuDNN autotuning)
+        bar.update()
         times, nfe = [], {}
         for _ in range(repeats):
             dt, nfe = once()
             times.append(dt / b * 1e3)
+            bar.update()
+        bar.close()
         rows.append({"label": label or f"{name} x{n_steps}", "sampler": name, "steps": n_steps,
                      "nfe": list(nfe.values())[-1], "nfe_stages": json.dumps(nfe),
                      "batch": b, "ms_per_shower": statistics.mean(times),

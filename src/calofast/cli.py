@@ -218,7 +218,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         from .generate import compile_network
         compile_network(bundle)
     rows = bench(bundle, a.sampler, a.steps, [int(b) for b in sizes], a.repeats,
-                 bf16=a.dtype == "bf16")
+                 bf16=a.dtype == "bf16", progress=True)
     print(f"{'sampler':>14} {'NFE':>5} {'batch':>6} {'ms/shower':>12} {'std':>9} {'showers/s':>11}  device")
     for r in rows:
         print(f"{r['label']:>14} {r['nfe']:5d} {r['batch']:6d} {r['ms_per_shower']:12.5f} {r['std']:9.5f} "

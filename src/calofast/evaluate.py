@@ -129,19 +129,19 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
     hl_r, hl_g = reference.high_level, high_level_vector(ff_g.features)
     cfg = FAST if fast else FULL
     if "high" in classifiers:
-        metrics["classifier_high"] = classifier_test(hl_g, hl_r, cfg, device, progress)
+        metrics["classifier_high"] = classifier_test(hl_g, hl_r, cfg, device, progress, name="high-level")
         lap("classifier_high")
     if "low" in classifiers:
-        metrics["classifier_low"] = classifier_test(low_g, reference.low_level, cfg, device, progress)
+        metrics["classifier_low"] = classifier_test(low_g, reference.low_level, cfg, device, progress, name="low-level (voxels)")
         lap("classifier_low")
     if distances:
         # Protocol: FPD over 10k-50k bootstrap samples (10 sizes x 20 draws), KPD 10 x 10k. Smaller files
         # use n-5n; fast mode also cuts the draws (5 sizes x 5 draws, KPD 5 x 2k) for smoke runs.
         on = device if device and str(device).startswith("cuda") else None
         lo = min(10_000, n)
-        f_val, f_err = fpd(hl_r, hl_g, min_samples=lo, max_samples=min(50_000, 5 * lo), device=on,
+        f_val, f_err = fpd(hl_r, hl_g, min_samples=lo, max_samples=min(50_000, 5 * lo), device=on, progress=progress,
                            **(dict(num_batches=5, num_points=5) if fast else {}))
-        k_val, k_err = kpd(hl_r, hl_g, batch_size=min(2_000 if fast else 10_000, n), device=on,
+        k_val, k_err = kpd(hl_r, hl_g, batch_size=min(2_000 if fast else 10_000, n), device=on, progress=progress,
                            **(dict(num_batches=5) if fast else {}))
         metrics["fpd"] = {"value": f_val, "error": f_err, "x1e3": f_val * 1e3}
         metrics["kpd"] = {"value": k_val, "error": k_err, "x1e3": k_val * 1e3}

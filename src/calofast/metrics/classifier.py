@@ -113,7 +113,7 @@ def _split(n: int, frac: tuple[float, float, float], rng: np.random.Generator) -
 
 
 def classifier_test(x_gen: np.ndarray, x_ref: np.ndarray, cfg: ClassifierConfig = FULL,
-                    device: "str | torch.device | None" = None, progress: bool = False) -> dict:
+                    device: "str | torch.device | None" = None, progress: bool = False, name: str = "") -> dict:
     """Train the protocol classifier on generated (0) vs reference (1) inputs; AUC and JSD on val."""
     from tqdm import tqdm
 
@@ -147,7 +147,7 @@ def classifier_test(x_gen: np.ndarray, x_ref: np.ndarray, cfg: ClassifierConfig 
 
     best_acc, best_state, epochs_run = -1.0, None, 0
     x_tr, y_tr = data["train"]
-    for _ in tqdm(range(cfg.epochs), desc="classifier", disable=not progress):
+    for _ in tqdm(range(cfg.epochs), desc=f"classifier {name}".strip(), disable=not progress):
         net.train()
         perm = torch.randperm(len(x_tr), generator=gen).to(device)
         for i in range(0, len(x_tr), cfg.batch_size):

@@ -54,10 +54,12 @@ def _mean_cov(a, device):
 
 def fpd(x: np.ndarray, y: np.ndarray, min_samples: int = 10_000, max_samples: int = 50_000,
         num_batches: int = 20, num_points: int = 10, seed: int = 42, normalise: bool = True,
-        device: str | None = None) -> tuple[float, float]:
+        device: str | None = None, progress: bool = False) -> tuple[float, float]:
     """(FPD, error) extrapolated to infinite sample size. `device`: compute covariances with torch there."""
+    from tqdm import tqdm
     if normalise:
         x, y = normalise_features(x, y)
+    bar = tqdm(total=num_points * num_batches, desc="FPD bootstrap", disable=not progress)
     rng = np.random.default_rng(seed)
     sizes = (1 / np.linspace(1 / min_samples, 1 / max_samples, num_points)).astype(np.int64)
     means = []
@@ -67,7 +69,9 @@ def fpd(x: np.ndarray, y: np.ndarray, min_samples: int = 10_000, max_samples: in
             a = x[rng.choice(len(x), size=n)]
             b = y[rng.choice(len(y), size=n)]
             vals.append(frechet_distance(*_mean_cov(a, device), *_mean_cov(b, device)))
+            bar.update()
         means.append(np.mean(vals))
+    bar.close()
     params, cov = curve_fit(lambda inv_n, c, m: c + m * inv_n, 1 / sizes, means, bounds=([0, 0], [np.inf, np.inf]))
     return float(params[0]), float(np.sqrt(np.diag(cov)[0]))
 
@@ -90,12 +94,13 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 4, device: str | N
 
 
 def kpd(x: np.ndarray, y: np.ndarray, num_batches: int = 10, batch_size: int = 10_000, seed: int = 42,
-        normalise: bool = True, device: str | None = None) -> tuple[float, float]:
+        normalise: bool = True, device: str | None = None, progress: bool = False) -> tuple[float, float]:
     """(KPD, error): median over bootstrap batches and half the 68 % spread."""
+    from tqdm import tqdm
     if normalise:
         x, y = normalise_features(x, y)
     vals = []
-    for i in range(num_batches):
+    for i in tqdm(range(num_batches), desc="KPD bootstrap", disable=not progress):
         rng = np.random.default_rng(seed + 1000 * i)
         a = x[rng.choice(len(x), size=batch_size)]
         b = y[rng.choice(len(y), size=batch_size)]
