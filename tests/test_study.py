@@ -12,7 +12,8 @@ from calofast.cli import main
 from calofast.config import apply_overrides, get_preset
 from calofast.data import read_showers
 from calofast.generate import generate_file
-from calofast.study import load_plan, study
+from calofast.study import study
+from calofast.study_plan import load_plan
 from calofast.train import train_model
 
 from helpers import tiny_data, tiny_xml
@@ -42,7 +43,9 @@ def test_plan_errors_name_the_file_and_the_key(tiny, tmp_path, capsys):
     tmp, model, ref = tiny
     bad = {"unknown key": 'label = "a"\nsampler = "euler"\nstep = 3',
            "used twice": 'label = "a"\n[[rows]]\nlabel = "a"',
-           "must be letters": 'label = "a b"'}
+           "must be letters": 'label = "a b"',
+           "takes no option": 'label = "a"\nsampler = "euler"\nknobs = { eta = 0.5 }',
+           "unknown sampler": 'label = "a"\nsampler = "magic"'}
     for msg, row in bad.items():
         p = _plan(tmp_path, model, ref, [row])
         with pytest.raises(ValueError, match=msg) as err:

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
-import tomllib
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -27,102 +24,9 @@ import numpy as np
 
 from .data import file_attrs, inspect_file, read_energies
 from .geometry import Geometry, get_geometry
+from .study_plan import FLOOR, Plan, Row, load_plan, select
 
-__all__ = ["Row", "Plan", "load_plan", "run_study", "study", "FLOOR"]
-
-FLOOR = "gflash-floor"
-_ROW_KEYS = {"label", "model", "sampler", "steps", "knobs", "family", "seed", "batch_size", "dtype", "compile"}
-_TOP_KEYS = {"name", "geometry", "reference", "defaults", "rows", "chunk", "timing_repeats"}
-_REF_KEYS = {"file", "gflash_seed", "energies", "n", "floor_seed"}
-
-
-@dataclass(frozen=True)
-class Row:
-    label: str
-    model: str
-    sampler: str | None = None
-    steps: int | None = None
-    knobs: dict = field(default_factory=dict)
-    family: str = ""
-    seed: int = 1
-    batch_size: int = 10_000
-    dtype: str = "auto"          # bf16 on CUDA, fp32 on CPU
-    compile: bool = False
-
-    def spec(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("family",)}
-
-
-@dataclass(frozen=True)
-class Plan:
-    path: Path
-    name: str
-    rows: list[Row]
-    n: int                                # events per row (= reference events used)
-    geometry: str = ""                    # preset or XML; default: the first row's model's
-    ref_file: Path | None = None
-    gflash_seed: int = 1001
-    energies: str = "log-uniform:1GeV:1TeV"
-    floor_seed: int | None = None         # a GFlash-vs-GFlash row with this seed
-    chunk: int = 10_000
-    timing_repeats: int = 3
-
-
-def _fail(path: Path, msg: str) -> ValueError:
-    return ValueError(f"{path}: {msg}")
-
-
-def load_plan(path: "str | Path") -> Plan:
-    """Read and check a plan; every problem is one line naming the file and the key."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise _fail(path, "no such plan file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise _fail(path, f"not a valid TOML plan ({err})") from None
-    if bad := set(raw) - _TOP_KEYS:
-        raise _fail(path, f"unknown key(s) {', '.join(sorted(bad))} (allowed: {', '.join(sorted(_TOP_KEYS))})")
-    ref = raw.get("reference", {})
-    if not isinstance(ref, dict) or (bad := set(ref) - _REF_KEYS):
-        raise _fail(path, f"[reference]: unknown key(s) {', '.join(sorted(bad)) if isinstance(ref, dict) else ref}")
-    if "n" not in ref or not isinstance(ref["n"], int) or ref["n"] < 2:
-        raise _fail(path, "[reference] needs n, the number of events (an integer >= 2)")
-    defaults = raw.get("defaults", {})
-    rows, seen = [], set()
-    for k, r in enumerate(raw.get("rows", [])):
-        merged = {**defaults, **r}
-        where = f"rows[{k}]" + (f" ({merged.get('label')})" if "label" in merged else "")
-        if bad := set(merged) - _ROW_KEYS:
-            raise _fail(path, f"{where}: unknown key(s) {', '.join(sorted(bad))} (allowed: {', '.join(sorted(_ROW_KEYS))})")
-        for key in ("label", "model"):
-            if key not in merged:
-                raise _fail(path, f"{where}: needs {key}")
-        label = str(merged["label"])
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", label) or label == FLOOR:
-            raise _fail(path, f"{where}: label {label!r} must be letters, digits, '.', '_', '-' (and not {FLOOR})")
-        if label in seen:
-            raise _fail(path, f"{where}: label {label!r} is used twice")
-        seen.add(label)
-        if merged.get("steps") is not None and (not isinstance(merged["steps"], int) or merged["steps"] < 1):
-            raise _fail(path, f"{where}: steps must be a positive integer")
-        if merged.get("dtype", "auto") not in ("auto", "bf16", "fp32"):
-            raise _fail(path, f"{where}: dtype must be auto, bf16 or fp32")
-        if not isinstance(merged.get("batch_size", 1), int) or merged.get("batch_size", 1) < 1:
-            raise _fail(path, f"{where}: batch_size must be a positive integer")
-        rows.append(Row(**merged))
-    if not rows:
-        raise _fail(path, "no [[rows]]")
-    chunk, reps = raw.get("chunk", 10_000), raw.get("timing_repeats", 3)
-    if not isinstance(chunk, int) or chunk < 1 or not isinstance(reps, int) or reps < 0:
-        raise _fail(path, "chunk must be a positive and timing_repeats a non-negative integer")
-    ref_file = Path(ref["file"]) if "file" in ref else None
-    if ref_file is not None and not ref_file.is_absolute():
-        ref_file = path.parent / ref_file
-    return Plan(path, str(raw.get("name", path.stem)), rows, ref["n"], str(raw.get("geometry", "")), ref_file,
-                int(ref.get("gflash_seed", 1001)), str(ref.get("energies", "log-uniform:1GeV:1TeV")),
-                ref.get("floor_seed"), chunk, reps)
-
+__all__ = ["run_study", "study", "prepare_inputs", "generate_row"]
 
 def _geometry(plan: Plan) -> Geometry:
     if plan.geometry:
@@ -141,7 +45,8 @@ def prepare_inputs(plan: Plan, out: Path, geometry: Geometry, workers: int = 1) 
     if n_ref < plan.n:
         raise ValueError(f"{ref}: {n_ref} events, the plan asks for {plan.n}")
     floor = out / "rows" / FLOOR / "showers.h5"
-    if plan.floor_seed is not None and not floor.exists():
+    done = (floor.parent / "eval" / "metrics.json").exists()
+    if plan.floor_seed is not None and not floor.exists() and not done:
         energies = read_energies(ref, stop=plan.n)
         write_gflash(floor, geometry, plan.n, energies, int(plan.floor_seed), workers=workers, compression_level=0)
         (floor.parent / "generation.json").write_text(json.dumps({"label": FLOOR, "family": "GFlash",
@@ -336,25 +241,6 @@ def _finish(d: Path, label: str, keep_showers: bool) -> None:
           f"high {m.get('classifier_high', {}).get('auc', float('nan')):.3f} FPD x1e3 {m['fpd']['x1e3']:.1f}", flush=True)
     if not keep_showers and label != FLOOR:
         (d / "showers.h5").unlink(missing_ok=True)
-
-
-def select(plan: Plan, only: list[str] | None = None, events: int | None = None) -> Plan:
-    """The plan restricted to the rows named in `only` (gflash-floor included only if named) and/or run at
-    `events` events instead of its n (smoke runs; a study folder keeps one event count)."""
-    from dataclasses import replace
-    if only:
-        known = {r.label for r in plan.rows} | ({FLOOR} if plan.floor_seed is not None else set())
-        if bad := [lb for lb in only if lb not in known]:
-            raise ValueError(f"{plan.path}: no row {', '.join(bad)} (rows: {', '.join(sorted(known))})")
-        plan = replace(plan, rows=[r for r in plan.rows if r.label in only],
-                       floor_seed=plan.floor_seed if FLOOR in only else None)
-        if not plan.rows and plan.floor_seed is None:
-            raise ValueError(f"{plan.path}: --only selects no row")
-    if events is not None:
-        if events < 2:
-            raise ValueError(f"--events {events}: at least 2")
-        plan = replace(plan, n=events)
-    return plan
 
 
 def study(plan_path: "str | Path", out: "str | Path", *, device: str = "cpu", shard: tuple[int, int] | None = None,
