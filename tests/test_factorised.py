@@ -130,8 +130,13 @@ def test_cli_bench_counts_the_main_stage_and_records_every_stage(factorised, tmp
 def test_train_init_continues_from_the_bundle(factorised, tmp_path, capsys):
     """`train --init`: both stages start from the bundle's weights with its transform (lr 0 keeps them exactly),
     the showers add up, the parent is recorded; changing what the weights mean is refused in one line."""
+    from calofast.checkpoint import save_bundle
     path, tmp = factorised
     data = str(tiny_data(tmp))
+    a = load_bundle(path)                 # the start bundle, given a main-stage default sampler (as shipped ones have)
+    path = save_bundle(tmp_path / "start.safetensors", [a.stages[0], a.stages[1].with_denoiser(
+        a.stages[1].denoiser, {"name": "euler", "steps": 3})], a.transform, a.config,
+        events_seen=int(a.meta["train_events_seen"]), weights_dtype="fp16")
     args = ["train", "--data", data, "--init", str(path), "--set", "train.lr=0", "--set", "energy.train.lr=0",
             "--set", "train.showers=64", "--set", "energy.train.showers=512"]
     assert main(args + ["-o", str(tmp_path / "cont")]) == 0
@@ -143,6 +148,7 @@ def test_train_init_continues_from_the_bundle(factorised, tmp_path, capsys):
         assert torch.equal(v, b.transform.constants()[k])
     assert int(b.meta["train_events_seen"]) == int(a.meta["train_events_seen"]) + 64
     assert b.meta["parent"] == a.meta["tensors_sha256"] and b.config.network == a.config.network
+    assert [s.sampler for s in b.stages] == [{"name": "heun", "steps": 4}, {"name": "euler", "steps": 3}]
     capsys.readouterr()
     assert main(args + ["--set", "network.width=48", "-o", str(tmp_path / "bad")]) == 2
     assert "network differs" in capsys.readouterr().err

@@ -313,6 +313,8 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
             torch.manual_seed(train_cfg.seed + k)
             denoiser = Preconditioned(stage_network(config, transform, k), param)
         sampler = {"name": config.energy.sampler, "steps": config.energy.steps} if name == "energy" else None
+        if start is not None:
+            sampler = start.stages[k].sampler             # a continued model keeps its stages' default samplers
         last = k == len(transform.stages) - 1
 
         def write_bundle(ema: nn.Module, shown: int, name=name, sampler=sampler, last=last, sd=sigma_data) -> None:
