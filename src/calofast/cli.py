@@ -23,6 +23,12 @@ def _positive(**values) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {v}: must be at least 1")
 
 
+def _seed(seed: int) -> int:
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"--seed {seed}: must be in [0, 2^63)")
+    return seed
+
+
 def _device(text: str) -> str:
     import torch
     try:
@@ -45,6 +51,7 @@ def _geometry(text: str):
 def cmd_gflash(a: argparse.Namespace) -> int:
     from .gflash import GFlashConfig, write_gflash
     _positive(n=a.n, chunk=a.chunk, workers=a.workers)
+    _seed(a.seed)
     geo = _geometry(a.geometry)
     path = write_gflash(a.output, geo, a.n, a.energies, a.seed, chunk=a.chunk, force=a.force,
                         config=GFlashConfig(c_s=a.c_s, substeps=a.substeps), workers=a.workers,
@@ -59,6 +66,7 @@ def cmd_gflash(a: argparse.Namespace) -> int:
 def cmd_info(a: argparse.Namespace) -> int:
     from .data import inspect_file
     from .metrics.features import file_features
+    _positive(max_events=a.max_events)
     info = inspect_file(a.file)
     geo = _geometry(a.geometry) if a.geometry else info.geometry()
     ff = file_features(a.file, geo, max_events=a.max_events, progress=True)
@@ -156,6 +164,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         if device == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     _positive(batch_size=a.batch_size, steps=a.steps, n=a.n)
+    _seed(a.seed)
     bundle = load_bundle(a.model, device=_device(device))
     energies, first = _energies(a, bundle), 0
     if shard is not None:
@@ -263,6 +272,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .geometry import get_geometry
     from .gflash import write_gflash
     _positive(n=a.n, steps=a.steps)
+    _seed(a.seed)
     _device(a.device)
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
