@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .checkpoint import atomic_write_bytes
 from .data import ShowerFileError, file_attrs, inspect_file, iter_showers
 from .geometry import Geometry
 from .metrics.classifier import FAST, FULL, classifier_test, low_level_inputs
@@ -147,7 +148,8 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
         metrics["kpd"] = {"value": k_val, "error": k_err, "x1e3": k_val * 1e3}
         lap("fpd_kpd")
     metrics["seconds"] = seconds
-    _write_json(out_dir / "metrics.json", metrics)          # the numbers are safe before any plot is tried
+    # The numbers are safe before any plot is tried.
+    atomic_write_bytes(out_dir / "metrics.json", json.dumps(metrics, indent=1).encode())
     if plots:
         from .plots import plot_histograms, plot_mean_showers, plot_response
         makers = {"histograms": lambda p: plot_histograms(ff_r, ff_g, geometry, vh, edges, p),
@@ -162,16 +164,10 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
                 log.warning("plot %s skipped: %s", name, err)
                 metrics["plot_errors"][name] = f"{type(err).__name__}: {err}"
         lap("plots")
-        _write_json(out_dir / "metrics.json", metrics)
+        atomic_write_bytes(out_dir / "metrics.json", json.dumps(metrics, indent=1).encode())
     if plots:
         metrics["report"] = str(write_report(metrics, out_dir))
     return metrics
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def _img(path: Path) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import atomic_write_bytes
 from .data import file_attrs, inspect_file, read_energies
 from .geometry import Geometry, get_geometry
 from .study_plan import FLOOR, Plan, Row, load_plan, select
@@ -49,9 +50,13 @@ def prepare_inputs(plan: Plan, out: Path, geometry: Geometry, workers: int = 1) 
     if plan.floor_seed is not None and not floor.exists() and not done:
         energies = read_energies(ref, stop=plan.n)
         write_gflash(floor, geometry, plan.n, energies, int(plan.floor_seed), workers=workers, compression_level=0)
-        (floor.parent / "generation.json").write_text(json.dumps({"label": FLOOR, "family": "GFlash",
-                                                                  "seed": plan.floor_seed}) + "\n")
+        _write_json(floor.parent / "generation.json", {"label": FLOOR, "family": "GFlash", "seed": plan.floor_seed})
     return ref
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Every record of the study folder is written atomically: a kill never leaves half a file to resume from."""
+    atomic_write_bytes(path, (json.dumps(obj) + "\n").encode())
 
 
 def _row_dir(out: Path, row: Row) -> Path:
@@ -61,7 +66,7 @@ def _row_dir(out: Path, row: Row) -> Path:
     if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
         raise ValueError(f"{spec_path}: row {row.label} was run with {spec_path.read_text().strip()}, the plan now "
                          f"says {json.dumps(spec)}; give it a new label or delete {d}")
-    spec_path.write_text(json.dumps(spec) + "\n")
+    _write_json(spec_path, spec)
     return d
 
 
@@ -73,7 +78,7 @@ def _check_folder(plan: Plan, out: Path) -> None:
     if path.exists() and json.loads(path.read_text()) != ident:
         raise ValueError(f"{path}: this folder holds a study with {path.read_text().strip()}, the plan now says "
                          f"{json.dumps(ident)}; choose a new output folder")
-    path.write_text(json.dumps(ident) + "\n")
+    _write_json(path, ident)
 
 
 class _Models:
@@ -137,7 +142,7 @@ def generate_row(row: Row, d: Path, energies: np.ndarray, models: _Models, chunk
             t = bench(bundle, rec["sampler"], rec["steps"], batch_sizes=(min(row.batch_size, n),), repeats=repeats,
                       bf16=models.bf16(row), knobs=row.knobs or None)[0]
             rec.update(ms_per_shower=t["median"], ms_std=t["std"], timing_batch=t["batch"], timing_repeats=repeats)
-        rec_path.write_text(json.dumps(rec) + "\n")
+        _write_json(rec_path, rec)
     return out
 
 

@@ -67,23 +67,18 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_outputs(out: "str | Path", rows: list[dict], title: str, floor_label: str | None = None) -> list[Path]:
     """table.csv, table.md, pareto.png (if any row has results) and index.html, each written atomically."""
+    from .checkpoint import atomic_write_bytes
     from .plots import plot_pareto
     out = Path(out)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    _atomic(out / "table.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "table.csv", buf.getvalue().encode())
     md = f"# {title}\n\n" + _markdown(rows)
-    _atomic(out / "table.md", md.encode())
+    atomic_write_bytes(out / "table.md", md.encode())
     written = [out / "table.csv", out / "table.md"]
     floor = next((r for r in rows if r["label"] == floor_label and r["status"] == "ok"), None)
     points = [r for r in rows if r["status"] == "ok" and r["label"] != floor_label and r["nfe"]]
@@ -101,5 +96,5 @@ def write_outputs(out: "str | Path", rows: list[dict], title: str, floor_label: 
             + "<table border=1 cellpadding=4><tr><th>row</th><th>status</th><th>report</th><th>AUC low</th>"
             "<th>AUC high</th><th>FPD×10³</th><th>ms/shower</th></tr>" + links + "</table>"
             "<p>Full table: <a href=\"table.md\">table.md</a>, <a href=\"table.csv\">table.csv</a>.</p>")
-    _atomic(out / "index.html", page.encode())
+    atomic_write_bytes(out / "index.html", page.encode())
     return written + [out / "index.html"]
