@@ -130,11 +130,9 @@ def _energies(a: argparse.Namespace, bundle):
     from .data import read_energies
     from .energies import parse_spectrum
     if a.energies_from:
-        _positive(n=a.n)
         return read_energies(a.energies_from, stop=a.n)
     if a.n is None:
         raise ValueError("--n is required unless --energies-from gives the events")
-    _positive(n=a.n)
     if a.energies:
         return parse_spectrum(a.energies).sample(a.seed, range(a.n))
     lo, hi = bundle.transform.energy_range
@@ -217,9 +215,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     sizes = [b for b in a.batch_sizes.split(",") if b.strip()]
     if not sizes or not all(b.strip().isdigit() and int(b) >= 1 for b in sizes):
         raise ValueError(f"--batch-sizes {a.batch_sizes}: expected positive integers, e.g. 1,100,10000")
-    _positive(repeats=a.repeats, steps=a.steps)
-    if a.threads is not None and a.threads < 1:
-        raise ValueError(f"--threads {a.threads}: must be at least 1")
+    _positive(repeats=a.repeats, steps=a.steps, threads=a.threads)
     if a.threads:
         torch.set_num_threads(a.threads)
     bundle = load_bundle(a.model, device=_device(a.device))
@@ -301,7 +297,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .cli_parser import build_parser as parser
-    return parser({"gflash": cmd_gflash, "info": cmd_info, "train": cmd_train, "generate": cmd_generate, "distill": cmd_distill, "evaluate": cmd_evaluate, "bench": cmd_bench, "export": cmd_export, "merge": cmd_merge, "study": cmd_study, "demo": cmd_demo})
+    return parser({"gflash": cmd_gflash, "info": cmd_info, "train": cmd_train, "generate": cmd_generate,
+                   "distill": cmd_distill, "evaluate": cmd_evaluate, "bench": cmd_bench,
+                   "export": cmd_export, "merge": cmd_merge, "study": cmd_study, "demo": cmd_demo})
 
 
 def main(argv: list[str] | None = None) -> int:
