@@ -166,3 +166,27 @@ def test_train_init_continues_from_the_bundle(factorised, tmp_path, capsys):
     assert "network differs" in capsys.readouterr().err
     assert main(args + ["--preset", "tiny", "-o", str(tmp_path / "bad2")]) == 2
     assert not (tmp_path / "bad/model.safetensors").exists()
+
+
+def test_dequantised_training_noises_the_shape_codes_and_is_recorded(tmp_path, monkeypatch):
+    """transform.dequantise=true: the loss sees dequantised shape codes (empty voxels moved), the bundle says so,
+    and its showers decode bounded; a one-stage transform refuses the option in one line."""
+    from calofast.factorised import FactorisedTransform
+    seen = []
+    original = FactorisedTransform.dequantised
+
+    def spy(self, x, cond, generator=None):
+        out = original(self, x, cond, generator)
+        seen.append((x.dim(), bool((out != x).any())))
+        return out
+    monkeypatch.setattr(FactorisedTransform, "dequantised", spy)
+    cfg = apply_overrides(get_preset("tiny-factorised"), [f"geometry={tiny_xml(tmp_path)}", "transform.dequantise=true",
+                                                          "train.showers=64", "energy.train.showers=128"])
+    b = load_bundle(train_model(cfg, tiny_data(tmp_path), tmp_path / "run"))
+    assert b.transform.dequantise and (5, True) in seen and all(not moved for dim, moved in seen if dim == 2)
+    e = torch.full((8,), 5e4, dtype=torch.float64)
+    showers, _, clipped = sample_batch(b, e, 3, range(8), sampler="euler", steps=2)
+    assert torch.isfinite(showers).all() and (showers >= 0).all() and not clipped.any()
+    assert (showers.double().sum(1) <= MAX_RESPONSE * e).all()
+    with pytest.raises(ValueError, match="dequantise needs transform.kind=layer"):
+        apply_overrides(get_preset("tiny"), ["transform.dequantise=true"])

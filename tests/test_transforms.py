@@ -113,3 +113,44 @@ def test_bad_constants_are_refused():
         FactorisedTransform(DS2, 1e-6, ones, ones, ones, ones, torch.ones(7), 1.0, 1e3, 1e6)
     with pytest.raises(ValueError):
         FactorisedTransform(DS2, 1e-6, ones, -ones, ones, ones, 0.0, 1.0, 1e3, 1e6)
+
+
+@pytest.mark.parametrize("std", ["voxel", "global"])
+def test_dequantised_codes_fill_the_gap_and_decode_to_the_same_showers(std):
+    """Training noise moves only the empty voxels of non-empty layers, into [code of 0, code of the threshold),
+    and every such code decodes back to the original shower (the band decodes to empty voxels)."""
+    e, s = _showers()
+    t = fit_transform(DS2, [(e, s)], "layer", standardise=std, dequantise=True)
+    assert transform_from_spec(DS2, t.spec(), t.constants()).dequantise
+    energies = torch.as_tensor(e)
+    xs = t.encode(torch.as_tensor(s), energies)
+    cond = t.conditions(energies, xs)[1]
+    noisy = t.dequantised(xs[1], cond, torch.Generator().manual_seed(1))
+    assert t.dequantised(xs[0], t.conditions(energies, xs)[0]) is xs[0]          # the energy stage: untouched
+    flat, flat_noisy = DS2.to_flat(xs[1]), DS2.to_flat(noisy)
+    layer_e = torch.as_tensor(s).reshape(64, 45, -1).sum(-1)
+    empty = torch.as_tensor(s == 0) & (layer_e > 0).repeat_interleave(144, 1)
+    assert torch.equal(flat_noisy[~empty], flat[~empty])
+    assert (flat_noisy[empty] > flat[empty]).float().mean() > 0.99               # a continuous draw, not the spike
+    y = flat_noisy.double() * t.v_std + t.v_mean
+    at_thr = torch.logit(1e-6 + (1 - 2e-6) * (DS2.threshold_mev / layer_e.clamp_min(1e-30)).clamp(max=1))
+    assert (y[empty] <= at_thr.repeat_interleave(144, 1)[empty] + 1e-5).all()
+    back, clipped = t.decode([xs[0], noisy], energies)
+    assert not clipped.any()
+    np.testing.assert_allclose(back.double().numpy(), s, rtol=2e-5, atol=2e-3)
+    plain = fit_transform(DS2, [(e, s)], "layer", standardise=std)
+    assert plain.dequantised(xs[1], cond) is xs[1] and not plain.spec()["dequantise"]
+
+
+def test_dequantised_decoding_is_bounded_for_hostile_codes():
+    e, s = _showers()
+    t = fit_transform(DS2, [(e, s)], "layer", standardise="voxel", dequantise=True)
+    energies = torch.as_tensor(e[:4])
+    xs = [x + 20 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+          for x in t.encode(torch.as_tensor(s[:4]), energies)]
+    xs[1][1] = float("nan")
+    out, clipped = t.decode(xs, energies)
+    assert torch.isfinite(out).all() and (out >= 0).all() and ((out == 0) | (out >= DS2.threshold_mev)).all()
+    assert (out.double().sum(1) <= MAX_RESPONSE * energies * (1 + 1e-6)).all() and clipped[1]
+    with pytest.raises(ValueError, match="layer"):
+        fit_transform(DS2, [(e, s)], "logit", dequantise=True)

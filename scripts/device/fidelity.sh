@@ -2,8 +2,9 @@
 # Device runs of the fidelity issue (one H200; docs/experiments.md records each). PHASE is one of
 #   train     GFlash DS2 training data (300,000 showers, seed 7), then the
 #             factorised model (preset ds2-factorised): energy stage E_S s, shape stage S_S s (compiled), fp16 bundle.
-#   ablation  equal-budget rows, one after another, each ABL_S s of training alone on the GPU (eager, same data);
-#             writes runs/device/ablation.toml, the study plan that evaluates them (PLAN=... evaluate).
+#   ablation  equal-budget rows ROWS="abl-final abl-deq ..." (row_args below: one ingredient changed each), one
+#             after another, each ABL_S s of training alone on the GPU (eager, same data; factorised rows give ABL_E
+#             of it to the energy stage), then their study plan evaluated in the same call (FLOOR=1 adds the floor).
 #   evaluate  calofast study PLAN (default studies/ds2-factorised.toml) into runs/device/study-NAME: every row
 #             generated, timed and evaluated with the full protocol (EVAL_JOBS evaluations at a time), resumable;
 #             stops by DEADLINE s and packs each row's generation.json, metrics.json and report into the results.
@@ -47,6 +48,16 @@ bring_back() {  # bring_back FILE NAME: into OUT in parts of 15 MB (join with ca
   split -b 15M -d "$1" "$OUTABS/$2.part"
 }
 
+run_study() {   # run_study PLAN DEADLINE_S [SMOKE_ONLY]: calofast study into W/study-NAME (resumable), results into X
+  local plan=$1 S=$W/study-$(basename "$1" .toml) fast=$FAST
+  [ -n "${SMOKE:-}" ] && { fast="$fast --events $N_REF${3:+ --only $3}"; S=$S-smoke; }
+  cf study "$plan" -o $S --device $DEV --eval-jobs ${EVAL_JOBS:-4} --workers $(( $(nproc) > 1 ? $(nproc) - 1 : 1 )) \
+    --deadline $2 $fast 2> >(tr '\r' '\n' | grep -v -E "shower/s|it/s|s/it|^$" >&2) | tee -a $W/logs/study.log
+  stamp "study exit ${PIPESTATUS[0]}"
+  (cd $S && cp --parents table.* pareto.png index.html $(ls rows/*/row.json rows/*/generation.json rows/*/eval/metrics.json rows/*/eval/report.html 2>/dev/null) "$X/" 2>/dev/null)
+  cp $W/logs/study.log "$X/"
+}
+
 case "$PHASE" in
   train)
     data
@@ -65,35 +76,41 @@ case "$PHASE" in
     (cd $W && cp --parents cont/config.json cont/*/stats.jsonl "$X/"); cp $W/logs/cont.log "$X/"
     bring_back $W/cont/model.safetensors ds2-factorised.safetensors
     ;;
-  ablation)
+  ablation)     # ROWS (names below) trained one after another, ABL_S s each, then evaluated in the same call
     data
-    B=${ABL_S:-120}
-    for row in "abl-old ds2-unet 0 $B --set train.batch_size=1024 --set train.lr=4e-4 --set train.warmup_showers=200000 --set train.ema_halflife_showers=500000" \
-               "abl-final ds2-factorised 20 $((B - 20))" \
-               "abl-nofact ds2-factorised 0 $B --set transform.kind=logit --set network.layer_cond=false"; do
-      set -- $row
-      [ -f $W/$1/model.safetensors ] || { [ -f .carry/$1.safetensors ] && mkdir -p $W/$1 && cp .carry/$1.safetensors $W/$1/model.safetensors; }
-      [ -f $W/$1/model.safetensors ] || train_run "$1" "$2" "$3" "$4" false "${@:5}"
-      bring_back $W/$1/model.safetensors $1.safetensors
+    B=${ABL_S:-60}; E=${ABL_E:-12}; plan=$W/ablation-$(echo ${ROWS:-abl-final} | tr ' ' '+').toml
+    row_args() {   # NAME -> preset, energy s, shape s, overrides: one ingredient changed from abl-final
+      local f="ds2-factorised $E $((B - E))"
+      case $1 in
+        abl-final) echo "$f" ;;
+        abl-final-2x) echo "ds2-factorised $((2 * E)) $((2 * (B - E)))" ;;
+        abl-old) echo "ds2-unet 0 $B --set train.batch_size=1024 --set train.lr=4e-4 --set train.warmup_showers=200000 --set train.ema_halflife_showers=500000" ;;
+        abl-nofact) echo "ds2-factorised 0 $B --set transform.kind=logit --set network.layer_cond=false" ;;
+        abl-unet) echo "$f --set network.arch=unet --set network.channels=16,32,64 --set network.layer_cond=false" ;;
+        abl-p343) echo "$f --set network.patch=3,4,3" ;;
+        abl-vpv) echo "$f --set diffusion.param=v" ;;
+        abl-globalstd) echo "$f --set transform.standardise=global" ;;
+        abl-deq) echo "$f --set transform.dequantise=true" ;;
+        *) echo "unknown ablation row $1" >&2; exit 2 ;;
+      esac
+    }
+    for name in ${ROWS:-abl-final}; do row_args $name > /dev/null || exit 2; done
+    for name in ${ROWS:-abl-final}; do
+      [ -f $W/$name/model.safetensors ] || train_run $name $(row_args $name | cut -d' ' -f1-3) false $(row_args $name | cut -d' ' -f4-)
     done
-    { echo 'name = "ablation at equal budget: DPM-Solver++(2M) 32 steps"'; echo '[reference]'; echo "n = $N_REF"
-      echo 'gflash_seed = 1001'; echo 'floor_seed = 2002'; echo '[defaults]'; echo 'sampler = "dpmpp-2m"'
-      echo "steps = $GEN_STEPS"; echo 'batch_size = 10000'
-      for name in abl-old abl-final abl-nofact; do
-        echo '[[rows]]'; echo "label = \"$name\""; echo "model = \"$W/$name/model.safetensors\""; echo 'family = "ablation"'
-      done; } > $W/ablation.toml
-    stamp "plan $W/ablation.toml (PLAN=$W/ablation.toml bash $0 evaluate)"
+    { echo "name = \"ablation at equal budget ($B s each): DPM-Solver++(2M) $GEN_STEPS steps\""; echo 'timing_repeats = 0'
+      echo '[reference]'; echo "n = $N_REF"; echo 'gflash_seed = 1001'; [ -n "${FLOOR:-}" ] && echo 'floor_seed = 2002'
+      echo '[defaults]'; echo 'sampler = "dpmpp-2m"'; echo "steps = $GEN_STEPS"; echo 'batch_size = 10000'
+      for name in ${ROWS:-abl-final}; do
+        echo '[[rows]]'; echo "label = \"$name\""; echo "model = \"$(cd $W/$name && pwd)/model.safetensors\""; echo 'family = "ablation"'
+      done; } > $plan
+    stamp "plan $plan"
+    run_study $plan $(( ${DEADLINE:-565} - ($(date +%s) - t0) )) "${SMOKE_ONLY:-}"
     ;;
   evaluate)
-    PLAN=${PLAN:-studies/ds2-factorised.toml}; S=$W/study-$(basename "$PLAN" .toml)
-    [ -n "${SMOKE:-}" ] && { FAST="$FAST --events $N_REF --only ${SMOKE_ONLY:-gflash-floor,dpmpp-2m-8}"; S=$S-smoke; }
     # A carried bundle replaces the shipped one in this disposable copy of the tree (plans name models by name).
     [ -z "${SMOKE:-}" ] && [ -f .carry/ds2-factorised.safetensors ] && cp .carry/ds2-factorised.safetensors src/calofast/models/
-    cf study "$PLAN" -o $S --device $DEV --eval-jobs ${EVAL_JOBS:-4} --workers $(( $(nproc) > 1 ? $(nproc) - 1 : 1 )) \
-      --deadline ${DEADLINE:-520} $FAST 2> >(tr '\r' '\n' | grep -v -E "shower/s|it/s|s/it|^$" >&2) | tee $W/logs/study.log
-    stamp "study exit ${PIPESTATUS[0]}"
-    (cd $S && cp --parents table.* pareto.png index.html $(ls rows/*/row.json rows/*/generation.json rows/*/eval/metrics.json rows/*/eval/report.html 2>/dev/null) "$X/" 2>/dev/null)
-    cp $W/logs/study.log "$X/"
+    run_study "${PLAN:-studies/ds2-factorised.toml}" "${DEADLINE:-520}" "${SMOKE_ONLY:-gflash-floor,dpmpp-2m-8}"
     ;;
   *) echo "usage: $0 train|continue|ablation|evaluate"; exit 2 ;;
 esac

@@ -40,6 +40,7 @@ class TransformConfig:
     scale_mev: float = 0.0                          # log1p scale; 0 = the geometry's voxel threshold
     alpha: float = 1e-6                             # logit regulariser
     standardise: Literal["global", "voxel"] = "global"   # one mean/std for all voxels, or one per voxel
+    dequantise: bool = False                        # layer: empty voxels spread below the threshold in training
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,8 @@ def check_config(cfg: "Config") -> None:
                 raise ValueError(f"{prefix}.{name}={getattr(section, name)}: must be {what}")
         if isinstance(section, DiffusionConfig) and section.sigma_max <= section.sigma_min:
             raise ValueError(f"{prefix}.sigma_max must exceed {prefix}.sigma_min")
+        if isinstance(section, TransformConfig) and section.dequantise and section.kind != "layer":
+            raise ValueError(f"{prefix}.dequantise needs {prefix}.kind=layer (it acts on layer-normalised voxels)")
         if isinstance(section, NetworkConfig) and section.arch == "transformer" and section.width % section.heads:
             raise ValueError(f"{prefix}.width={section.width} must be a multiple of {prefix}.heads={section.heads}")
 

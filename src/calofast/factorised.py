@@ -13,6 +13,12 @@ Decoding a shape code: fractions sigmoid(y) - alpha (a layer whose voxels all si
 its energy by sigmoid(y) instead), normalised per layer; voxels under the threshold are dropped, the
 layer's largest voxel is always kept, and the layer is renormalised, so every layer keeps exactly the
 energy the energy stage gave it (layers under one threshold's worth are empty, as in the data).
+
+With `dequantise`, training replaces the code of every empty voxel of a non-empty layer by a value drawn
+uniformly between the empty code, logit(alpha), and the code of a voxel at the threshold, logit(thr / E_l):
+the spike at logit(alpha) becomes a continuous density that meets the real voxels' at their lower edge.
+Decoding then drops a voxel when its un-normalised energy E_l (sigmoid(y) - alpha) is under the threshold,
+so every code in that band decodes to an empty voxel.
 """
 from __future__ import annotations
 
@@ -58,12 +64,12 @@ class FactorisedTransform(ShowerTransform):
     stages = ("energy", "shape")
 
     def __init__(self, geometry: Geometry, alpha: float, e_mean, e_std, c_mean, c_std, v_mean, v_std,
-                 e_min: float, e_max: float):
+                 e_min: float, e_max: float, dequantise: bool = False):
         super().__init__(geometry, e_min, e_max)
         L, A, R = geometry.grid_shape
         if not 0 < alpha < 0.5:
             raise ValueError(f"logit alpha {alpha} must be in (0, 0.5)")
-        self.alpha = float(alpha)
+        self.alpha, self.dequantise = float(alpha), bool(dequantise)
         for name, value, shapes in (("e_mean", e_mean, [(L,)]), ("e_std", e_std, [(L,)]), ("c_mean", c_mean, [(L,)]),
                                     ("c_std", c_std, [(L,)]), ("v_mean", v_mean, [(), (L * A * R,)]),
                                     ("v_std", v_std, [(), (L * A * R,)])):
@@ -74,12 +80,12 @@ class FactorisedTransform(ShowerTransform):
             self.register_buffer(name, t)
 
     def spec(self) -> dict:
-        return {"kind": "layer", "alpha": self.alpha, "geometry": self.geometry.name}
+        return {"kind": "layer", "alpha": self.alpha, "geometry": self.geometry.name, "dequantise": self.dequantise}
 
     @classmethod
     def from_constants(cls, geometry: Geometry, spec: dict, c: dict) -> "FactorisedTransform":
         return cls(geometry, spec["alpha"], *(c[k] for k in ("e_mean", "e_std", "c_mean", "c_std", "v_mean", "v_std")),
-                   math.exp(float(c["log_e_min"])), math.exp(float(c["log_e_max"])))
+                   math.exp(float(c["log_e_min"])), math.exp(float(c["log_e_max"])), bool(spec.get("dequantise", False)))
 
     @property
     def stage_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -121,6 +127,26 @@ class FactorisedTransform(ShowerTransform):
         x_e = (y_e - self.e_mean) / self.e_std
         return [x_e.float(), self.geometry.to_grid(((y_s - self.v_mean) / self.v_std).float())]
 
+    def dequantised(self, x: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training codes of the shape stage with its empty voxels dequantised (see the module notes).
+
+        x [B, 1, L, A, R] and cond [B, 1 + L] as `encode` and `conditions` make them; the layer energies are
+        read back from cond. Without `dequantise` (or for the energy stage's [B, L] codes) x is returned."""
+        if not self.dequantise or x.dim() != 5:
+            return x
+        L, thr = self.geometry.grid_shape[0], self.geometry.threshold_mev
+        rel = 10 ** (cond[:, 1:].double() * self.c_std + self.c_mean) - LAYER_FLOOR           # E_l / E_inc
+        layer_e = rel * self.energies(cond[:, :1])[:, None]
+        top = logit((thr / layer_e.clamp_min(thr)).clamp(max=1.0), self.alpha)                # [B, L]
+        low = logit(torch.zeros((), dtype=torch.float64, device=x.device), self.alpha)
+        mean, std, flat = self.v_mean.double(), self.v_std.double(), self.geometry.to_flat(x).double()
+        per_layer = flat.shape[1] // L
+        # An empty voxel's stored code is (low - mean) / std in float32; real voxels sit >= 0.01 above it.
+        empty = ((flat - (low - mean) / std).abs() < 1e-4) & (layer_e >= thr).repeat_interleave(per_layer, 1)
+        u = torch.rand(flat.shape, generator=generator, device=x.device, dtype=torch.float64)
+        y = low + u * (top.repeat_interleave(per_layer, 1) - low)
+        return self.geometry.to_grid(torch.where(empty, (y - mean) / std, flat).to(x.dtype))
+
     def stage_condition(self, k: int, energies: torch.Tensor, previous: list[torch.Tensor],
                         dtype: torch.dtype = torch.float64) -> torch.Tensor:
         if k != 1:
@@ -140,14 +166,15 @@ class FactorisedTransform(ShowerTransform):
         s = torch.sigmoid(y.clamp(-60, 60).reshape(layer_e.shape[0], layer_e.shape[1], -1))
         p = ((s - self.alpha) / (1 - 2 * self.alpha)).clamp_min(0)
         p = torch.where(p.sum(-1, keepdim=True) > 0, p, s)
-        e = layer_e * p / p.sum(-1, keepdim=True)
+        e = layer_e * (p if self.dequantise else p / p.sum(-1, keepdim=True))
         p = p * ((e >= thr) | (e == e.amax(-1, keepdim=True)))
         e = layer_e * p / p.sum(-1, keepdim=True).clamp_min(1e-30)
         return drop_below(e, thr).reshape(e.shape[0], -1).float(), clipped
 
 
 def fit_factorised(geometry: Geometry, stream: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                   e_range: Callable[[], tuple[float, float]], alpha: float, standardise: str) -> FactorisedTransform:
+                   e_range: Callable[[], tuple[float, float]], alpha: float, standardise: str,
+                   dequantise: bool = False) -> FactorisedTransform:
     """Fit the three standardisations (energy code, layer condition, shape code) in one pass."""
     L = geometry.grid_shape[0]
     zeros, ones = torch.zeros(L, dtype=torch.float64), torch.ones(L, dtype=torch.float64)
@@ -161,4 +188,4 @@ def fit_factorised(geometry: Geometry, stream: Iterable[tuple[torch.Tensor, torc
     e_mean, e_std = m_e.result()
     c_mean, c_std = m_c.result()
     v_mean, v_std = m_v.result(VOXEL_MIN_STD if standardise == "voxel" else 1e-6)
-    return FactorisedTransform(geometry, alpha, e_mean, e_std, c_mean, c_std, v_mean, v_std, *e_range())
+    return FactorisedTransform(geometry, alpha, e_mean, e_std, c_mean, c_std, v_mean, v_std, *e_range(), dequantise)

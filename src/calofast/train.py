@@ -293,7 +293,7 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
     tc = config.transform
     transform = start.transform if start is not None else \
         fit_transform(geometry, iter_showers(data_path, 5000, geometry=geometry, stop=n_fit),
-                      tc.kind, tc.scale_mev or None, tc.alpha, tc.standardise)
+                      tc.kind, tc.scale_mev or None, tc.alpha, tc.standardise, tc.dequantise)
     data = load_training_data(data_path, transform, config.train.max_events, d.device)
     data_meta = [{"name": Path(data_path).name, "bytes": Path(data_path).stat().st_size,
                   "events": int(data[0][0].shape[0]), "sha256": file_sha256(data_path) if d.main else ""}]
@@ -325,7 +325,8 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
                             extra={"preset": preset, "sigma_data_measured": sd, "continued_from_events": before},
                             weights_dtype=config.train.bundle_dtype)
 
-        loss = lambda model, x, c, g, param=param: denoising_loss(model, param, x, c, g)
+        on_device = copy.deepcopy(transform).to(d.device)        # training noise of the codes (dequantise)
+        loss = lambda model, x, c, g, param=param, t=on_device: denoising_loss(model, param, t.dequantised(x, c, g), c, g)
         ema, finished = fit(loss, denoiser, (x0, cond), train_cfg, run_dir if single else run_dir / name,
                             on_checkpoint=write_bundle, dist_info=d, desc=f"train {name}")
         if not finished:

@@ -104,6 +104,10 @@ class ShowerTransform(nn.Module):
         """The condition of every stage, stage k from the stages before it (training: the encoded data)."""
         return [self.stage_condition(k, energies, xs[:k], dtype) for k in range(len(self.stages))]
 
+    def dequantised(self, x: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The training codes of a stage with the transform's data noise (none here; see `FactorisedTransform`)."""
+        return x
+
     def stage_condition(self, k: int, energies: torch.Tensor, previous: list[torch.Tensor],
                         dtype: torch.dtype = torch.float64) -> torch.Tensor:
         if k == 0:
@@ -217,14 +221,17 @@ def _energy_range(batches: Iterable[tuple[np.ndarray, np.ndarray]]):
 
 def fit_transform(geometry: Geometry, batches: Iterable[tuple[np.ndarray, np.ndarray]],
                   kind: TransformKind = "log1p", scale: float | None = None, alpha: float = 1e-6,
-                  standardise: Standardise = "global") -> ShowerTransform:
-    """Fit the standardisation and the incident-energy range on (energies [b], showers [b, V]) batches."""
+                  standardise: Standardise = "global", dequantise: bool = False) -> ShowerTransform:
+    """Fit the standardisation and the incident-energy range on (energies [b], showers [b, V]) batches;
+    `dequantise` (layer kind only) is recorded in the factorised transform (`FactorisedTransform.dequantised`)."""
     if standardise not in ("global", "voxel"):
         raise ValueError(f"unknown standardisation {standardise!r} (global, voxel)")
     stream, e_range = _energy_range(batches)
     if kind == "layer":
         from .factorised import fit_factorised
-        return fit_factorised(geometry, stream, e_range, alpha, standardise)
+        return fit_factorised(geometry, stream, e_range, alpha, standardise, dequantise)
+    if dequantise:
+        raise ValueError("dequantise needs the layer (factorised) transform")
     t = Transform(geometry, kind, scale or geometry.threshold_mev or 1.0, alpha)
     moments = Moments()
     for energies, showers in stream:
