@@ -48,9 +48,9 @@ bring_back() {  # bring_back FILE NAME: into OUT in parts of 15 MB (join with ca
   split -b 15M -d "$1" "$OUTABS/$2.part"
 }
 
-run_study() {   # run_study PLAN DEADLINE_S [SMOKE_ONLY]: calofast study into W/study-NAME (resumable), results into X
-  local plan=$1 S=$W/study-$(basename "$1" .toml) fast=$FAST
-  [ -n "${SMOKE:-}" ] && { fast="$fast --events $N_REF${3:+ --only $3}"; S=$S-smoke; }
+run_study() {   # run_study PLAN DEADLINE_S [ONLY]: calofast study into W/study-NAME (resumable), results into X
+  local plan=$1 S=$W/study-$(basename "$1" .toml) fast="$FAST${3:+ --only $3}"
+  [ -n "${SMOKE:-}" ] && { fast="$fast --events $N_REF"; S=$S-smoke; }
   cf study "$plan" -o $S --device $DEV --eval-jobs ${EVAL_JOBS:-4} --workers $(( $(nproc) > 1 ? $(nproc) - 1 : 1 )) \
     --deadline $2 $fast 2> >(tr '\r' '\n' | grep -v -E "shower/s|it/s|s/it|^$" >&2) | tee -a $W/logs/study.log
   stamp "study exit ${PIPESTATUS[0]}"
@@ -64,7 +64,8 @@ case "$PHASE" in
     train_run main ds2-factorised "${E_S:-40}" "${S_S:-400}" true
     bring_back $W/main/model.safetensors ds2-factorised.safetensors
     ;;
-  continue)     # more training of the shipped model (train --init): fresh cosine, E_S s energy, S_S s shape
+  continue)     # more training of the shipped model (train --init): fresh cosine, E_S s energy, S_S s shape;
+                # ONLY=row,row then evaluates those rows of studies/ds2-factorised.toml with the continued model
     data
     init=$( [ -f .carry/ds2-factorised.safetensors ] && echo .carry || echo src/calofast/models)/ds2-factorised.safetensors
     quiet cf train --data $W/train.h5 --init "$init" -o $W/cont --set train.showers=1000000000 \
@@ -75,6 +76,10 @@ case "$PHASE" in
     stamp "cont trained: $(tail -1 $W/cont/shape/stats.jsonl)"
     (cd $W && cp --parents cont/config.json cont/*/stats.jsonl "$X/"); cp $W/logs/cont.log "$X/"
     bring_back $W/cont/model.safetensors ds2-factorised.safetensors
+    if [ -n "${ONLY:-}" ]; then   # then evaluate the continued model's rows ONLY of studies/ds2-factorised.toml
+      [ -z "${SMOKE:-}" ] && cp $W/cont/model.safetensors src/calofast/models/ds2-factorised.safetensors
+      run_study studies/ds2-factorised.toml $(( ${DEADLINE:-570} - ($(date +%s) - t0) )) "$ONLY"
+    fi
     ;;
   ablation)     # ROWS (names below) trained one after another, ABL_S s each, then evaluated in the same call
     data
@@ -105,12 +110,12 @@ case "$PHASE" in
         echo '[[rows]]'; echo "label = \"$name\""; echo "model = \"$(cd $W/$name && pwd)/model.safetensors\""; echo 'family = "ablation"'
       done; } > $plan
     stamp "plan $plan"
-    run_study $plan $(( ${DEADLINE:-565} - ($(date +%s) - t0) )) "${SMOKE_ONLY:-}"
+    run_study $plan $(( ${DEADLINE:-565} - ($(date +%s) - t0) )) "${ONLY:-}"
     ;;
   evaluate)
     # A carried bundle replaces the shipped one in this disposable copy of the tree (plans name models by name).
     [ -z "${SMOKE:-}" ] && [ -f .carry/ds2-factorised.safetensors ] && cp .carry/ds2-factorised.safetensors src/calofast/models/
-    run_study "${PLAN:-studies/ds2-factorised.toml}" "${DEADLINE:-520}" "${SMOKE_ONLY:-gflash-floor,dpmpp-2m-8}"
+    run_study "${PLAN:-studies/ds2-factorised.toml}" "${DEADLINE:-520}" "${ONLY:-${SMOKE:+gflash-floor,dpmpp-2m-8}}"
     ;;
   *) echo "usage: $0 train|continue|ablation|evaluate"; exit 2 ;;
 esac
