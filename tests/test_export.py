@@ -127,6 +127,44 @@ def test_cli_export(tmp_path, capsys):
     assert "refusing to overwrite" in capsys.readouterr().err
 
 
+def test_export_refuses_bad_targets_before_any_work(student, tmp_path, capsys):
+    """Both outputs (ONNX and sidecar) are checked first: an existing sidecar is never overwritten without
+    --force, a non-regular target never even with it, a bad Par04 scale is refused; nothing is written."""
+    model = str(MODELS / "ds2-student-pd-1step.safetensors")
+    side = tmp_path / "m.json"
+    side.write_text("mine")
+    assert main(["export", "--model", model, "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "m.json: exists already" in capsys.readouterr().err and side.read_text() == "mine"
+    (tmp_path / "d.onnx").mkdir()
+    assert main(["export", "--model", model, "--force", "-o", str(tmp_path / "d.onnx")]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    for scale in ("nan", "-1", "0"):
+        assert main(["export", "--model", model, "--flavour", "par04", "--par04-energy-scale", scale,
+                     "-o", str(tmp_path / "p.onnx")]) == 2
+        assert "--par04-energy-scale" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx", "m.json"]
+    path = export_torchscript(student, tmp_path / "new" / "dir" / "pd2.pt")     # a missing folder is made
+    assert path.is_file() and path.stat().st_size > 0
+
+
+def test_export_on_a_full_disk_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """Fault injection (no tmpfs here): the write fails with ENOSPC -> one line naming the file, exit 2, no
+    temporary, and an existing file (with --force) keeps its bytes."""
+    import errno
+
+    import calofast.checkpoint as ck
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(ck.os, "fsync", full)
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"old")
+    assert main(["export", "--model", str(MODELS / "ds2-student-pd-1step.safetensors"), "--force", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "m.onnx: cannot write it (No space left on device)" in err[0]
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def _old_runtime() -> Path:
     """A second small venv with the oldest onnxruntime on the package index, made once and reused."""
     env = Path(os.environ.get("CALOFAST_ORT_OLD_VENV", REPO / ".cache" / f"ort-{ORT_OLD}"))

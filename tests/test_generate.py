@@ -136,3 +136,18 @@ def test_shards_merged_equal_one_run_bit_for_bit(tmp_path, bundle_path, capsys):
     assert main(["merge", *parts, "-o", str(tmp_path / "merged.h5")]) == 2          # no silent overwrite
     assert main(common + ["--shard", "3/3", "-o", str(tmp_path / "bad.h5")]) == 2
     assert main(common + ["--shard", "torchrun", "-o", str(tmp_path / "bad.h5")]) == 2
+
+
+def test_a_student_run_with_another_sampler_is_warned(caplog):
+    """A distilled student asked for another sampler runs (it is a denoiser) but says it was made for its own."""
+    import logging
+
+    from calofast.checkpoint import load_bundle
+    from calofast.generate import resolve_sampler
+    student = load_bundle("ds2-student-pd-1step")
+    with caplog.at_level(logging.WARNING, logger="calofast"):
+        assert resolve_sampler(student, None, None)[:2][1] == 1
+        assert not caplog.records
+        name, steps, _ = resolve_sampler(student, "ddpm", None)
+    assert (name, steps) == ("ddpm", 20)
+    assert len(caplog.records) == 1 and "distilled for" in caplog.text and "1 step;" in caplog.text

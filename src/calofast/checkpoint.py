@@ -55,16 +55,25 @@ def git_commit() -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary in the same folder and rename; never replaces anything but a regular file."""
+    """Write via a temporary in the same folder and rename; never replaces anything but a regular file.
+
+    On any failure (a full disk, an interrupt) the temporary is removed and the file at `path`, if any, is
+    untouched; an OSError names `path`."""
     path = Path(path)
     if path.exists() and not path.is_file():
         raise ValueError(f"{path}: exists and is not a regular file; refusing to replace it")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(f"{path}: cannot write it ({err.strerror or err})") from None
+        raise
 
 
 def _geometry_to_json(g: Geometry) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from io import BytesIO
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import Bundle, file_sha256
+from .checkpoint import Bundle, atomic_write_bytes, file_sha256
 from .generate import sampling_plan
 from .samplers import SAMPLERS
 
@@ -106,14 +107,25 @@ def _metadata(bundle: Bundle, plan, flavour: str, io: dict) -> dict:
             "incident_energy_range_mev": [lo, hi], **io}
 
 
+def _claim(paths: list[Path], force: bool) -> None:
+    """Refuse, before any work, outputs that exist (unless force) or are not regular files; make the folder."""
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{path}: exists and is not a regular file; refusing to replace it")
+        if path.exists() and not force:
+            raise ValueError(f"{path}: exists already; refusing to overwrite (use --force)")
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+
+
 def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = None, steps: int | None = None,
                 flavour: Flavour = "reproducible", par04_energy_scale: float = 1.0, force: bool = False) -> Path:
-    """Write model.onnx and model.json (sidecar); returns the ONNX path."""
+    """Write model.onnx and model.json (sidecar), each atomically; returns the ONNX path."""
     import onnx
 
     output = Path(output)
-    if output.exists() and not force:
-        raise ValueError(f"{output}: exists already; refusing to overwrite (use --force)")
+    if not (math.isfinite(par04_energy_scale) and par04_energy_scale > 0):
+        raise ValueError(f"--par04-energy-scale {par04_energy_scale}: must be finite and > 0")
+    _claim([output, output.with_suffix(".json")], force)
     if not bundle.geometry.is_regular:
         raise ValueError("ONNX export supports regular geometries (ds2, ds3)")
     plan = sampling_plan(bundle, sampler, steps)
@@ -138,12 +150,11 @@ def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = N
               "par04_energy_scale": par04_energy_scale}
     else:
         raise ValueError(f"unknown flavour {flavour!r} (par04, reproducible)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
+    buf = BytesIO()
     with torch.no_grad():
-        torch.onnx.export(module, args, str(tmp), input_names=names, output_names=outs, dynamic_axes=axes,
+        torch.onnx.export(module, args, buf, input_names=names, output_names=outs, dynamic_axes=axes,
                           opset_version=17, dynamo=False, do_constant_folding=True)
-    model = onnx.load(str(tmp))
+    model = onnx.load_from_string(buf.getvalue())
     model.ir_version = 8
     meta = _metadata(bundle, plan, flavour, io)
     for key, value in meta.items():
@@ -151,9 +162,8 @@ def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = N
         entry.key, entry.value = key, json.dumps(value) if not isinstance(value, str) else value
     model.producer_name, model.producer_version = "calofast", __version__
     onnx.checker.check_model(model)
-    onnx.save(model, str(tmp))
-    tmp.replace(output)
-    output.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    atomic_write_bytes(output, model.SerializeToString())
+    atomic_write_bytes(output.with_suffix(".json"), json.dumps(meta, indent=1).encode())
     return output
 
 
@@ -161,10 +171,11 @@ def export_torchscript(bundle: Bundle, output: "str | Path", *, sampler: str | N
                        force: bool = False) -> Path:
     """Secondary path: a traced TorchScript module with the reproducible-flavour signature."""
     output = Path(output)
-    if output.exists() and not force:
-        raise ValueError(f"{output}: exists already; refusing to overwrite (use --force)")
+    _claim([output], force)
     core = UnrolledSampler(bundle.to("cpu"), sampling_plan(bundle, sampler, steps)).eval()
     with torch.no_grad():
         traced = torch.jit.trace(core, (torch.full((2, 1), 1e4), torch.zeros(2, core.noise_size)))
-    traced.save(str(output))
+    buf = BytesIO()
+    torch.jit.save(traced, buf)
+    atomic_write_bytes(output, buf.getvalue())
     return output

@@ -71,6 +71,9 @@ def _resolve(stage: Stage, name: str | None, steps: int | None, where: str) -> t
             raise ValueError(f"{where}: distilled for {spec['name']} with {spec['steps']} steps; "
                              f"other step counts need an explicit --sampler")
         steps = steps or int(spec["steps"])
+    elif spec and "sigmas" in spec:
+        log.warning("%s: distilled for %s with %s step%s; --sampler %s runs it as an ordinary denoiser "
+                    "(expect poor showers)", where, spec["name"], spec["steps"], "" if int(spec["steps"]) == 1 else "s", name)
     if steps is not None and steps < 1:
         raise ValueError(f"{where}: steps must be at least 1 (got {steps})")
     steps = steps or 20
