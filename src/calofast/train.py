@@ -301,6 +301,7 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
     single = len(transform.stages) == 1
     before = int(start.meta.get("train_events_seen", 0)) if start is not None else 0
     stages: list[Stage] = []
+    on_device = copy.deepcopy(transform).to(d.device)            # adds the transform's training noise to codes
     for k, name in enumerate(transform.stages):
         _, diffusion, train_cfg = config.stage(name)
         x0, cond = data[k]
@@ -325,8 +326,7 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
                             extra={"preset": preset, "sigma_data_measured": sd, "continued_from_events": before},
                             weights_dtype=config.train.bundle_dtype)
 
-        on_device = copy.deepcopy(transform).to(d.device)        # training noise of the codes (dequantise)
-        loss = lambda model, x, c, g, param=param, t=on_device: denoising_loss(model, param, t.dequantised(x, c, g), c, g)
+        loss = lambda model, x, c, g, param=param: denoising_loss(model, param, on_device.dequantised(x, c, g), c, g)
         ema, finished = fit(loss, denoiser, (x0, cond), train_cfg, run_dir if single else run_dir / name,
                             on_checkpoint=write_bundle, dist_info=d, desc=f"train {name}")
         if not finished:
