@@ -163,7 +163,7 @@ def test_train_init_continues_from_the_bundle(factorised, tmp_path, capsys):
     assert [s.sampler for s in b.stages] == [{"name": "heun", "steps": 4}, {"name": "euler", "steps": 3}]
     capsys.readouterr()
     assert main(args + ["--set", "network.width=48", "-o", str(tmp_path / "bad")]) == 2
-    assert "network differs" in capsys.readouterr().err
+    assert "network or diffusion differs" in capsys.readouterr().err
     assert main(args + ["--preset", "tiny", "-o", str(tmp_path / "bad2")]) == 2
     assert not (tmp_path / "bad/model.safetensors").exists()
 
@@ -190,3 +190,37 @@ def test_dequantised_training_noises_the_shape_codes_and_is_recorded(tmp_path, m
     assert (showers.double().sum(1) <= MAX_RESPONSE * e).all()
     with pytest.raises(ValueError, match="dequantise needs transform.kind=layer"):
         apply_overrides(get_preset("tiny"), ["transform.dequantise=true"])
+
+
+def test_train_only_some_stages_of_a_bundle(factorised, tmp_path, capsys):
+    """--init B --stages energy: the shape stage is B's bit for bit; the energy stage continues from B's weights,
+    or starts fresh when its network changes; the main stage's shower count is unchanged. Refusals in one line."""
+    path, tmp = factorised
+    data = str(tiny_data(tmp))
+    base = ["train", "--data", data, "--init", str(path), "--set", "energy.train.showers=256"]
+    assert main(base + ["--stages", "energy", "--set", "energy.train.lr=0", "-o", str(tmp_path / "e")]) == 0
+    a, b = load_bundle(path), load_bundle(tmp_path / "e/model.safetensors")
+    for sa, sb in zip(a.stages, b.stages):                 # lr 0: the continued energy stage is the bundle's too
+        for (k, va), vb in zip(sa.denoiser.state_dict().items(), sb.denoiser.state_dict().values()):
+            assert torch.equal(va, vb), k
+    assert b.meta["train_events_seen"] == a.meta["train_events_seen"] and b.meta["stages_trained"] == "energy"
+    assert not (tmp_path / "e/shape").exists()
+    assert main(base + ["--stages", "energy", "--set", "energy.network.width=48", "-o", str(tmp_path / "w")]) == 0
+    c = load_bundle(tmp_path / "w/model.safetensors")
+    assert c.config.energy.network.width == 48 and c.config.network == a.config.network
+    assert c.stages[0].denoiser.net.state_dict().keys() != a.stages[0].denoiser.net.state_dict().keys() or any(
+        v.shape != w.shape for v, w in zip(c.stages[0].denoiser.net.state_dict().values(),
+                                           a.stages[0].denoiser.net.state_dict().values()))
+    for va, vb in zip(a.stages[1].denoiser.state_dict().values(), c.stages[1].denoiser.state_dict().values()):
+        assert torch.equal(va, vb)
+    e = torch.tensor([2e4, 9e4], dtype=torch.float64)
+    showers, nfe, clipped = sample_batch(c, e, 3, range(2), sampler="euler", steps=2)
+    assert nfe == {"energy": 7, "shape": 2} and torch.isfinite(showers).all() and not clipped.any()
+    capsys.readouterr()
+    assert main(base + ["--stages", "energy", "--set", "network.width=48", "-o", str(tmp_path / "x")]) == 2
+    assert "shape stage's network or diffusion differs" in capsys.readouterr().err
+    assert main(base + ["--stages", "nosuch", "-o", str(tmp_path / "y")]) == 2
+    assert "--stages nosuch" in capsys.readouterr().err
+    assert main(["train", "--data", data, "--preset", "tiny-factorised", "--stages", "energy", "-o",
+                 str(tmp_path / "z")]) == 2
+    assert "--stages needs --init" in capsys.readouterr().err

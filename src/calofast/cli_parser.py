@@ -45,6 +45,8 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     t.add_argument("--preset", help="named config (tiny, ds2-unet, ds2-factorised, ...; default ds2-unet)")
     t.add_argument("--init", help="continue from this bundle's weights, transform and config (fresh optimiser "
                    "and schedule from its train.* options and --set)")
+    t.add_argument("--stages", help="with --init: train only these stages (comma list, e.g. energy), copy the "
+                   "others unchanged; a listed stage whose network or diffusion --set changes starts fresh")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.lr=2e-4 (repeatable)")
     t.add_argument("-o", "--output", required=True, help="run folder (config.json, stats.jsonl, model.safetensors)")
     t.set_defaults(func=handlers["train"])

@@ -255,32 +255,48 @@ def load_training_data(path: "str | Path", transform: ShowerTransform, max_event
     return data
 
 
-def _check_init(config: Config, init: Bundle) -> None:
-    """Continuing from a bundle keeps what its weights and constants mean: only training options may change."""
+def _same_stage(config: Config, base: Config, name: str) -> bool:
+    """Whether stage `name` has the same network and diffusion in both configs (its weights keep their meaning)."""
+    return config.stage(name)[:2] == base.stage(name)[:2]
+
+
+def _check_init(config: Config, init: Bundle, stages: tuple[str, ...]) -> None:
+    """Continuing from a bundle keeps what its weights and constants mean: only training options may change,
+    except the network and diffusion of a stage that is trained (`stages`), which then starts fresh."""
     base = init.config
-    for part in ("geometry", "network", "transform", "diffusion"):
+    if bad := [s for s in stages if s not in init.transform.stages]:
+        raise ValueError(f"--stages {','.join(bad)}: {init.path} has the stages {', '.join(init.transform.stages)}")
+    for part in ("geometry", "transform"):
         if getattr(config, part) != getattr(base, part):
             raise ValueError(f"--init {init.path}: {part} differs from the bundle's ({getattr(base, part)}); "
                              "only train.* options may change when continuing")
-    if (config.energy.network, config.energy.diffusion) != (base.energy.network, base.energy.diffusion):
-        raise ValueError(f"--init {init.path}: the energy stage's network or diffusion differs from the bundle's")
+    for name in init.transform.stages:
+        if name not in stages and not _same_stage(config, base, name):
+            what = "network or diffusion" if len(init.transform.stages) == 1 else f"{name} stage's network or diffusion"
+            raise ValueError(f"--init {init.path}: the {what} differs from the bundle's; "
+                             "only train.* options may change when continuing (or list the stage in --stages)")
 
 
 def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", *, preset: str = "",
-                init: "str | Path | None" = None) -> Path:
+                init: "str | Path | None" = None, stages: tuple[str, ...] | None = None) -> Path:
     """`calofast train`: fit the transform, build each stage's denoiser, train, write `model.safetensors`.
 
     With `init` (a bundle), training continues from that bundle's (EMA) weights with its transform and
     parameterisation and a fresh optimiser and schedule from `config.train`; the new bundle counts the
-    bundle's showers in its `train_events_seen` and names it as its parent."""
+    bundle's showers in its `train_events_seen` and names it as its parent. `stages` (with `init`) trains
+    only those stages and copies the others; a listed stage whose network or diffusion differs from the
+    bundle's starts from fresh weights."""
     d = setup_distributed()
     run_dir = Path(run_dir)
+    if stages is not None and not init:
+        raise ValueError("training only some stages needs a bundle to take the others from (--init)")
     start = load_bundle(init, d.device) if init else None
     if start is not None:
-        _check_init(config, start)
+        _check_init(config, start, stages or ())
     geometry = get_geometry(config.geometry)
     info = inspect_file(data_path, geometry)
-    cfg_text = dumps(config) + (f"\ninit {start.meta['tensors_sha256']}\n" if start is not None else "")
+    cfg_text = dumps(config) + (f"\ninit {start.meta['tensors_sha256']} stages {','.join(stages or ['all'])}\n"
+                                if start is not None else "")
     cfg_path = run_dir / "config.json"
     if cfg_path.exists() and cfg_path.read_text() != cfg_text and \
             any((run_dir / sub / "state.pt").exists() for sub in (".", "energy", "shape")):
@@ -300,30 +316,37 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
     bundle_path = run_dir / "model.safetensors"
     single = len(transform.stages) == 1
     before = int(start.meta.get("train_events_seen", 0)) if start is not None else 0
-    stages: list[Stage] = []
+    trained = stages or tuple(transform.stages)
+    last_trained = max(k for k, name in enumerate(transform.stages) if name in trained)
+    done: list[Stage] = []
     on_device = copy.deepcopy(transform).to(d.device)            # adds the transform's training noise to codes
     for k, name in enumerate(transform.stages):
+        if name not in trained:
+            done.append(start.stages[k])                          # copied from the --init bundle unchanged
+            continue
         _, diffusion, train_cfg = config.stage(name)
         x0, cond = data[k]
         sigma_data = float(x0.std())
-        if start is not None:
-            denoiser = start.stages[k].denoiser.train().requires_grad_(True)
-            param = denoiser.param
-        else:
+        fresh = start is None or not _same_stage(config, start.config, name)
+        if fresh:
             param = build_parameterisation(diffusion, sigma_data)
             torch.manual_seed(train_cfg.seed + k)
             denoiser = Preconditioned(stage_network(config, transform, k), param)
-        sampler = {"name": config.energy.sampler, "steps": config.energy.steps} if name == "energy" else None
-        if start is not None:
+            sampler = {"name": config.energy.sampler, "steps": config.energy.steps} if name == "energy" else None
+        else:
+            denoiser = start.stages[k].denoiser.train().requires_grad_(True)
+            param = denoiser.param
             sampler = start.stages[k].sampler             # a continued model keeps its stages' default samplers
-        last = k == len(transform.stages) - 1
+        main = k == len(transform.stages) - 1
 
-        def write_bundle(ema: nn.Module, shown: int, name=name, sampler=sampler, last=last, sd=sigma_data) -> None:
-            if last:                          # earlier stages are finished by now; the bundle needs them all
-                save_bundle(bundle_path, stages + [Stage(name, ema, sampler)], transform, config,
-                            train_seed=config.train.seed, events_seen=shown + before, data=data_meta,
+        def write_bundle(ema: nn.Module, shown: int, name=name, sampler=sampler, k=k, main=main, sd=sigma_data) -> None:
+            if k == last_trained:             # earlier stages are finished by now; later ones are the bundle's
+                rest = list(start.stages[k + 1:]) if start is not None else []
+                save_bundle(bundle_path, done + [Stage(name, ema, sampler)] + rest, transform, config,
+                            train_seed=config.train.seed, events_seen=before + (shown if main else 0), data=data_meta,
                             parent=start.meta["tensors_sha256"] if start is not None else None,
-                            extra={"preset": preset, "sigma_data_measured": sd, "continued_from_events": before},
+                            extra={"preset": preset, "sigma_data_measured": sd, "continued_from_events": before,
+                                   "stages_trained": ",".join(trained)},
                             weights_dtype=config.train.bundle_dtype)
 
         loss = lambda model, x, c, g, param=param: denoising_loss(model, param, on_device.dequantised(x, c, g), c, g)
@@ -333,7 +356,7 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
             if d.main:
                 log.info("%s stage stopped early (re-run to resume): %s", name, run_dir)
             return bundle_path
-        stages.append(Stage(name, ema.eval(), sampler))
+        done.append(Stage(name, ema.eval(), sampler))
     if d.main:
         log.info("finished: %s", bundle_path)
     return bundle_path
