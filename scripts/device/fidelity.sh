@@ -66,14 +66,15 @@ case "$PHASE" in
     ;;
   continue)     # more training of the shipped model (train --init): fresh cosine, E_S s energy, S_S s shape;
                 # ONLY=row,row then evaluates those rows of studies/ds2-factorised.toml with the continued model
+                # STAGES=energy trains only that stage (SETS="--set energy.network.width=512" may change its network)
     data
     init=$( [ -f .carry/ds2-factorised.safetensors ] && echo .carry || echo src/calofast/models)/ds2-factorised.safetensors
     quiet cf train --data $W/train.h5 --init "$init" -o $W/cont --set train.showers=1000000000 \
       --set train.budget_seconds="${S_S:-370}" --set train.lr="${LR:-3e-4}" --set train.warmup_showers=200000 \
       --set energy.train.showers=1000000000 --set energy.train.budget_seconds="${E_S:-45}" --set energy.train.lr=5e-4 \
       --set energy.train.warmup_showers=400000 --set train.compile=true --set train.checkpoint_showers=4000000 \
-      ${SMOKE_SET:-} > $W/logs/cont.log 2>&1
-    stamp "cont trained: $(tail -1 $W/cont/shape/stats.jsonl)"
+      ${STAGES:+--stages $STAGES} ${SMOKE_SET:-} ${SETS:-} > $W/logs/cont.log 2>&1
+    stamp "cont trained: $(tail -qn1 $W/cont/*/stats.jsonl)"
     (cd $W && cp --parents cont/config.json cont/*/stats.jsonl "$X/"); cp $W/logs/cont.log "$X/"
     bring_back $W/cont/model.safetensors ds2-factorised.safetensors
     if [ -n "${ONLY:-}" ]; then   # then evaluate the continued model's rows ONLY of studies/ds2-factorised.toml
