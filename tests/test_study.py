@@ -99,6 +99,11 @@ def test_study_resumes_after_a_kill_and_matches_one_run(tiny, tmp_path, monkeypa
     (out / "rows/euler-3/eval/metrics.json").unlink()
     with pytest.raises(ValueError, match="give it a new label"):
         study(changed, out, fast=True)
+    # A row whose report was not kept (a table rebuilt from metrics alone) gets no dead link.
+    from calofast.study_report import collect_rows, write_outputs
+    (out / "rows/ddim-eta05-4/eval/report.html").unlink()
+    write_outputs(out, collect_rows(out, ["ddim-eta05-4"]), "t")
+    assert "ddim-eta05-4" in (out / "index.html").read_text() and "report.html" not in (out / "index.html").read_text()
 
 
 def test_deadline_leaves_rows_to_resume(tiny, tmp_path, capsys):

@@ -88,7 +88,8 @@ def write_outputs(out: "str | Path", rows: list[dict], title: str, floor_label: 
         os.replace(tmp, out / "pareto.png")
         written.append(out / "pareto.png")
     links = "".join(f"<tr><td>{html.escape(r['label'])}</td><td>{html.escape(r['status'])}</td><td>"
-                    + (f"<a href=\"rows/{html.escape(r['label'])}/eval/report.html\">report</a>" if r["status"] == "ok" else "")
+                    + (f"<a href=\"rows/{html.escape(r['label'])}/eval/report.html\">report</a>"
+                       if (out / "rows" / r["label"] / "eval" / "report.html").is_file() else "")
                     + f"</td><td>{_fmt(r.get('auc_low'), 3)}</td><td>{_fmt(r.get('auc_high'), 3)}</td>"
                     f"<td>{_fmt(r.get('fpd_x1e3'), 1)}</td><td>{_fmt(r.get('ms_per_shower'), 4)}</td></tr>" for r in rows)
     page = (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><h1>{html.escape(title)}</h1>"
