@@ -221,6 +221,8 @@ def test_train_only_some_stages_of_a_bundle(factorised, tmp_path, capsys):
     assert "shape stage's network or diffusion differs" in capsys.readouterr().err
     assert main(base + ["--stages", "nosuch", "-o", str(tmp_path / "y")]) == 2
     assert "--stages nosuch" in capsys.readouterr().err
+    assert main(base + ["--stages", " , ", "-o", str(tmp_path / "y")]) == 2
+    assert "name at least one stage" in capsys.readouterr().err
     assert main(["train", "--data", data, "--preset", "tiny-factorised", "--stages", "energy", "-o",
                  str(tmp_path / "z")]) == 2
     assert "--stages needs --init" in capsys.readouterr().err

@@ -290,6 +290,8 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
     run_dir = Path(run_dir)
     if stages is not None and not init:
         raise ValueError("training only some stages needs a bundle to take the others from (--init)")
+    if stages is not None and not stages:
+        raise ValueError("--stages: name at least one stage (e.g. energy)")
     start = load_bundle(init, d.device) if init else None
     if start is not None:
         _check_init(config, start, stages or ())
