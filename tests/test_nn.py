@@ -92,3 +92,16 @@ def test_factorised_presets():
     assert y.shape == (3, 45) and torch.isfinite(y).all()
     with pytest.raises(ValueError, match="grid event shape"):
         build_network(cfg.network, DS2, event_shape=(45,))
+
+
+def test_ds3_factorised_preset_builds_and_runs():
+    """The DS3 configuration of the DS2 recipe: 450 tokens over the 45 x 50 x 18 grid, the same network size,
+    a forward on a DS3 shower gives a DS3-shaped, finite output (the preset is untrained: issue 16)."""
+    from calofast.geometry import PRESETS as GEOMETRIES
+    cfg = get_preset("ds3-factorised")
+    ds3 = GEOMETRIES["ds3"]
+    net = build_network(cfg.network, ds3, cond_dim=1 + 45)
+    assert net.tokens == (15, 5, 6) and 5_000_000 < count_parameters(net) < 9_000_000
+    with torch.no_grad():
+        y = _randomised(net)(torch.randn(1, 1, 45, 50, 18), torch.tensor([300.0]), torch.randn(1, 46))
+    assert y.shape == (1, 1, 45, 50, 18) and torch.isfinite(y).all()
