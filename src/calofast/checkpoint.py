@@ -25,6 +25,7 @@ from torch import nn
 
 from . import __version__
 from .config import Config, from_dict, to_dict
+from .data import claim_output
 from .diffusion import Preconditioned, parameterisation_from_dict, parameterisation_to_dict
 from .geometry import Geometry, Layer, PRESETS, SamplingMaterial
 from .nn import build_network
@@ -60,8 +61,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     On any failure (a full disk, an interrupt) the temporary is removed and the file at `path`, if any, is
     untouched; an OSError names `path`."""
     path = Path(path)
-    if path.exists() and not path.is_file():
-        raise ValueError(f"{path}: exists and is not a regular file; refusing to replace it")
+    claim_output(path, force=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

@@ -20,10 +20,20 @@ import numpy as np
 
 from .geometry import Geometry, geometry_for_voxels
 
-__all__ = ["ShowerFileError", "ShowerFileInfo", "inspect_file", "iter_showers", "read_showers", "read_energies",
+__all__ = ["claim_output", "ShowerFileError", "ShowerFileInfo", "inspect_file", "iter_showers", "read_showers", "read_energies",
            "ShowerWriter", "write_showers", "check_values", "file_attrs"]
 
 ENERGIES, SHOWERS = "incident_energies", "showers"
+
+
+def claim_output(path: Path, force: bool, error: type[Exception] = ValueError) -> None:
+    """Refuse, before any work, an output that exists and is not a regular file (even with force), or that
+    exists at all (without force)."""
+    if path.exists() and not path.is_file():
+        raise error(f"{path}: exists and is not a regular file; refusing to replace it "
+                    "(--force only overwrites regular files)")
+    if path.exists() and not force:
+        raise error(f"{path}: exists already; refusing to overwrite (use --force)")
 
 
 class ShowerFileError(ValueError):
@@ -176,11 +186,7 @@ class ShowerWriter:
     def __init__(self, path: "str | Path", n_voxels: int, *, force: bool = False,
                  chunk_rows: int = 256, compression_level: int = 4, attrs: dict | None = None):
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_file():
-            raise ShowerFileError(f"{self.path}: exists and is not a regular file; refusing to replace it "
-                                  "(--force only overwrites regular files)")
-        if self.path.exists() and not force:
-            raise ShowerFileError(f"{self.path}: exists already; refusing to overwrite (use --force)")
+        claim_output(self.path, force, ShowerFileError)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self.n_voxels, self.n = n_voxels, 0

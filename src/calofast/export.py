@@ -28,6 +28,7 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import Bundle, atomic_write_bytes, file_sha256
+from .data import claim_output
 from .generate import sampling_plan
 from .samplers import SAMPLERS
 
@@ -108,12 +109,9 @@ def _metadata(bundle: Bundle, plan, flavour: str, io: dict) -> dict:
 
 
 def _claim(paths: list[Path], force: bool) -> None:
-    """Refuse, before any work, outputs that exist (unless force) or are not regular files; make the folder."""
+    """Check every output before any work (`claim_output`), then make their folder."""
     for path in paths:
-        if path.exists() and not path.is_file():
-            raise ValueError(f"{path}: exists and is not a regular file; refusing to replace it")
-        if path.exists() and not force:
-            raise ValueError(f"{path}: exists already; refusing to overwrite (use --force)")
+        claim_output(path, force)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
 
 
