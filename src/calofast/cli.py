@@ -99,8 +99,6 @@ def cmd_train(a: argparse.Namespace) -> int:
         base = get_preset(preset)
     cfg = apply_overrides(base, a.set or [])
     stages = tuple(s.strip() for s in a.stages.split(",") if s.strip()) if a.stages is not None else None
-    if stages is not None and a.init is None:
-        raise ValueError("--stages needs --init (the bundle whose other stages are kept)")
     path = train_model(cfg, a.data, a.output, preset=preset, init=a.init, stages=stages)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"bundle: {path}")

@@ -289,7 +289,7 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
     d = setup_distributed()
     run_dir = Path(run_dir)
     if stages is not None and not init:
-        raise ValueError("training only some stages needs a bundle to take the others from (--init)")
+        raise ValueError("--stages needs --init (the bundle whose other stages are kept)")
     if stages is not None and not stages:
         raise ValueError("--stages: name at least one stage (e.g. energy)")
     start = load_bundle(init, d.device) if init else None
