@@ -2,7 +2,7 @@
 torch.compile of the network (`calofast.generate.compile_network`); FLOPs per shower counted by torch's
 FlopCounterMode, achieved TFLOP/s reported.
 
-    python benchmarks/bench_network.py --model src/calofast/models/ds2-student-pd-1step.safetensors --batch 10000
+    python benchmarks/bench_network.py --model src/calofast/models/ds2-shortcut.safetensors --batch 10000
 """
 import argparse
 import statistics

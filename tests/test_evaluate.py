@@ -130,6 +130,6 @@ def test_energies_from_reads_only_the_energies(tmp_path, capsys):
     np.testing.assert_allclose(read_energies(path, stop=2), [1e3, 2e4])
     with h5py.File(path, "r+") as f:
         f["incident_energies"][2] = -1.0
-    assert main(["generate", "--model", "ds2-student-pd-1step", "--energies-from", str(path), "-o",
+    assert main(["generate", "--model", "ds2-shortcut", "--energies-from", str(path), "-o",
                  str(tmp_path / "g.h5")]) == 2
     assert "incident energy -1.0 at event 2" in capsys.readouterr().err and not (tmp_path / "g.h5").exists()

@@ -26,12 +26,18 @@ ORT_OLD = "1.15.1"
 
 @pytest.fixture(scope="module")
 def student():
-    return load_bundle(MODELS / "ds2-student-pd-2step.safetensors")
+    return load_bundle(MODELS / "ds2-shortcut.safetensors")     # energy stage 63 NFE, shape stage 2 jumps
 
 
 @pytest.fixture(scope="module")
 def exported(student, tmp_path_factory):
-    return export_onnx(student, tmp_path_factory.mktemp("onnx") / "pd2.onnx")
+    return export_onnx(student, tmp_path_factory.mktemp("onnx") / "sc2.onnx")
+
+
+def _noise(bundle, seed, n):
+    """The noise input: each stage's draws of EventRNG(seed), the energy stage's first, as sample_batch draws them."""
+    r = EventRNG(seed, range(n))
+    return torch.cat([r.randn(shape).reshape(n, -1) for shape in bundle.transform.stage_shapes], 1)
 
 
 def _rel(a, b):
@@ -40,15 +46,14 @@ def _rel(a, b):
 
 def test_reproducible_flavour_matches_pytorch(student, exported):
     sess = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
-    assert [(i.name, i.shape) for i in sess.get_inputs()] == [("conditions", ["batch", 1]), ("noise", ["batch", 6480])]
+    assert [(i.name, i.shape) for i in sess.get_inputs()] == [("conditions", ["batch", 1]), ("noise", ["batch", 6525])]
     assert [(o.name, o.shape) for o in sess.get_outputs()] == [("showers", ["batch", 6480])]
     for b in (1, 5):
         e = torch.exp(torch.empty(b, dtype=torch.float64).uniform_(np.log(1e3), np.log(1e6),
                                                                      generator=torch.Generator().manual_seed(b)))
-        noise = EventRNG(7, range(b)).randn(student.event_shape)
         ref, nfe, _ = sample_batch(student, e, 7, range(b))
-        out = sess.run(None, {"conditions": e.float()[:, None].numpy(), "noise": noise.reshape(b, -1).numpy()})[0]
-        assert out.shape == (b, 6480) and nfe == {"shower": 2}
+        out = sess.run(None, {"conditions": e.float()[:, None].numpy(), "noise": _noise(student, 7, b).numpy()})[0]
+        assert out.shape == (b, 6480) and nfe == {"energy": 63, "shape": 2}
         assert _rel(out, ref.numpy()) < 1e-4
 
 
@@ -95,8 +100,8 @@ def test_par04_flavour_puts_a_voxel_in_the_right_cell(tmp_path):
 
 
 def test_par04_flavour_of_the_shipped_student(tmp_path):
-    b = load_bundle(MODELS / "ds2-student-pd-1step.safetensors")
-    path = export_onnx(b, tmp_path / "par04.onnx", flavour="par04")
+    b = load_bundle(MODELS / "ds2-shortcut.safetensors")
+    path = export_onnx(b, tmp_path / "par04.onnx", flavour="par04", steps=1)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [(i.name, i.shape) for i in sess.get_inputs()] == [("input", ["batch", 8])]
     x = np.zeros((4, 8), np.float32)
@@ -110,10 +115,10 @@ def test_par04_flavour_of_the_shipped_student(tmp_path):
 
 
 def test_torchscript_secondary_path(student, tmp_path):
-    path = export_torchscript(student, tmp_path / "pd2.pt")
+    path = export_torchscript(student, tmp_path / "sc2.pt")
     ts = torch.jit.load(str(path))
     e = torch.tensor([[5e3], [2e5]])
-    noise = EventRNG(1, range(2)).randn(student.event_shape).reshape(2, -1)
+    noise = _noise(student, 1, 2)
     core = UnrolledSampler(student, sampling_plan(student))
     with torch.no_grad():
         torch.testing.assert_close(ts(e, noise), core(e, noise))
@@ -121,16 +126,16 @@ def test_torchscript_secondary_path(student, tmp_path):
 
 def test_cli_export(tmp_path, capsys):
     out = tmp_path / "m.onnx"
-    assert main(["export", "--model", str(MODELS / "ds2-student-pd-1step.safetensors"), "-o", str(out)]) == 0
+    assert main(["export", "--model", str(MODELS / "ds2-shortcut.safetensors"), "--steps", "1", "-o", str(out)]) == 0
     assert out.exists() and out.with_suffix(".json").exists()
-    assert main(["export", "--model", str(MODELS / "ds2-student-pd-1step.safetensors"), "-o", str(out)]) == 2
+    assert main(["export", "--model", str(MODELS / "ds2-shortcut.safetensors"), "--steps", "1", "-o", str(out)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
 
 
 def test_export_refuses_bad_targets_before_any_work(student, tmp_path, capsys):
     """Both outputs (ONNX and sidecar) are checked first: an existing sidecar is never overwritten without
     --force, a non-regular target never even with it, a bad Par04 scale is refused; nothing is written."""
-    model = str(MODELS / "ds2-student-pd-1step.safetensors")
+    model = str(MODELS / "ds2-shortcut.safetensors")
     side = tmp_path / "m.json"
     side.write_text("mine")
     assert main(["export", "--model", model, "-o", str(tmp_path / "m.onnx")]) == 2
@@ -143,7 +148,7 @@ def test_export_refuses_bad_targets_before_any_work(student, tmp_path, capsys):
                      "-o", str(tmp_path / "p.onnx")]) == 2
         assert "--par04-energy-scale" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx", "m.json"]
-    path = export_torchscript(student, tmp_path / "new" / "dir" / "pd2.pt")     # a missing folder is made
+    path = export_torchscript(student, tmp_path / "new" / "dir" / "sc2.pt")     # a missing folder is made
     assert path.is_file() and path.stat().st_size > 0
 
 
@@ -159,7 +164,8 @@ def test_export_on_a_full_disk_leaves_nothing_behind(tmp_path, monkeypatch, caps
     monkeypatch.setattr(ck.os, "fsync", full)
     out = tmp_path / "m.onnx"
     out.write_bytes(b"old")
-    assert main(["export", "--model", str(MODELS / "ds2-student-pd-1step.safetensors"), "--force", "-o", str(out)]) == 2
+    assert main(["export", "--model", str(MODELS / "ds2-shortcut.safetensors"), "--steps", "1", "--force", "-o",
+                 str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "m.onnx: cannot write it (No space left on device)" in err[0]
     assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
@@ -180,7 +186,7 @@ def _old_runtime() -> Path:
 @pytest.mark.skipif(os.environ.get("CALOFAST_SKIP_OLD_ORT") == "1", reason="CALOFAST_SKIP_OLD_ORT=1")
 def test_loads_in_oldest_and_newest_onnxruntime(student, exported, tmp_path):
     e = np.array([[3e3], [4e5]], np.float32)
-    noise = EventRNG(2, range(2)).randn(student.event_shape).reshape(2, -1).numpy()
+    noise = _noise(student, 2, 2).numpy()
     np.savez(tmp_path / "in.npz", conditions=e, noise=noise)
     results = {}
     for name, python in (("new", sys.executable), ("old", str(_old_runtime()))):

@@ -116,18 +116,19 @@ def test_deadline_leaves_rows_to_resume(tiny, tmp_path, capsys):
 
 
 def test_ds2_plan_with_gflash_reference_and_floor(tmp_path):
-    """GFlash reference made by the study, the floor row, the shipped one-step student (CPU, --fast)."""
+    """GFlash reference made by the study, the floor row, and a deliberately poor row: the shipped teacher with
+    one Euler step (CPU, --fast)."""
     plan = tmp_path / "ds2.toml"
     plan.write_text('[reference]\nn = 400\ngflash_seed = 1001\nfloor_seed = 2002\n'
-                    '[[rows]]\nlabel = "pd-1step"\nmodel = "ds2-student-pd-1step"\nbatch_size = 200\n'
-                    'family = "PD"\n')
+                    '[[rows]]\nlabel = "euler-1"\nmodel = "ds2-factorised"\nsampler = "euler"\nsteps = 1\n'
+                    'batch_size = 200\nfamily = "teacher"\n')
     out = tmp_path / "s"
     assert main(["study", str(plan), "-o", str(out), "--fast"]) == 0
     rows = {r["label"]: r for r in csv.DictReader(open(out / "table.csv"))}
-    assert list(rows) == ["gflash-floor", "pd-1step"]
-    floor, student = rows["gflash-floor"], rows["pd-1step"]
+    assert list(rows) == ["gflash-floor", "euler-1"]
+    floor, student = rows["gflash-floor"], rows["euler-1"]
     # Against independent GFlash showers the classifier sits near 0.5 (val: 80 + 80 events, AUC std ~0.046, so
-    # 0.15 is over 3 sigma); the poor student (AUC 0.999 at 50k) is far above it on the high-level features.
+    # 0.15 is over 3 sigma); one ODE step (blurred mean showers) is far above it on the high-level features.
     assert abs(float(floor["auc_high"]) - 0.5) < 0.15 and abs(float(floor["auc_low"]) - 0.5) < 0.15
     assert float(student["auc_high"]) > float(floor["auc_high"]) + 0.15
     assert student["nfe"] == "1" and (out / "pareto.png").exists()

@@ -5,6 +5,9 @@
 #   ablation  equal-budget rows ROWS="abl-final abl-deq ..." (row_args below: one ingredient changed each), one
 #             after another, each ABL_S s of training alone on the GPU (eager, same data; factorised rows give ABL_E
 #             of it to the energy stage), then their study plan evaluated in the same call (FLOOR=1 adds the floor).
+#   shortcut  (few-step issue) a shortcut student of the shipped teacher (calofast distill shortcut; SC_INIT=.carry/
+#             ds2-shortcut.safetensors trains a carried one further), SC_S s compiled, fp16 bundle; ONLY=row,row then
+#             evaluates those rows of studies/ds2-shortcut.toml with it in the same call.
 #   evaluate  calofast study PLAN (default studies/ds2-factorised.toml) into runs/device/study-NAME: every row
 #             generated, timed and evaluated with the full protocol (EVAL_JOBS evaluations at a time), resumable;
 #             stops by DEADLINE s and packs each row's generation.json, metrics.json and report into the results.
@@ -82,6 +85,20 @@ case "$PHASE" in
       run_study studies/ds2-factorised.toml $(( ${DEADLINE:-570} - ($(date +%s) - t0) )) "$ONLY"
     fi
     ;;
+  shortcut)
+    data
+    quiet cf distill shortcut --teacher "${SC_INIT:-ds2-factorised}" --data $W/train.h5 -o $W/sc \
+      --set train.showers=1000000000 --set distill.sc_showers=1000000000 --set train.budget_seconds="${SC_S:-400}" \
+      --set distill.lr="${LR:-2e-4}" --set train.warmup_showers=200000 --set train.compile=true \
+      --set train.bundle_dtype=fp16 --set train.checkpoint_showers=4000000 ${SMOKE_SET:-} ${SETS:-} > $W/logs/sc.log 2>&1
+    stamp "shortcut trained: $(tail -qn1 $W/sc/stats.jsonl)"
+    (cd $W && cp --parents sc/config.json sc/stats.jsonl "$X/"); cp $W/logs/sc.log "$X/"
+    bring_back $W/sc/shortcut.safetensors ds2-shortcut.safetensors
+    if [ -n "${ONLY:-}" ]; then   # the plan with its model pointed at the new bundle
+      sed "s|\"ds2-shortcut\"|\"$(cd $W/sc && pwd)/shortcut.safetensors\"|" studies/ds2-shortcut.toml > $W/ds2-shortcut.toml
+      run_study $W/ds2-shortcut.toml $(( ${DEADLINE:-570} - ($(date +%s) - t0) )) "$ONLY"
+    fi
+    ;;
   ablation)     # ROWS (names below) trained one after another, ABL_S s each, then evaluated in the same call
     data
     B=${ABL_S:-60}; E=${ABL_E:-12}; plan=$W/ablation-$(echo ${ROWS:-abl-final} | tr ' ' '+').toml
@@ -114,11 +131,11 @@ case "$PHASE" in
     run_study $plan $(( ${DEADLINE:-565} - ($(date +%s) - t0) )) "${ONLY:-}"
     ;;
   evaluate)
-    # A carried bundle replaces the shipped one in this disposable copy of the tree (plans name models by name).
-    [ -z "${SMOKE:-}" ] && [ -f .carry/ds2-factorised.safetensors ] && cp .carry/ds2-factorised.safetensors src/calofast/models/
+    # Carried bundles join (or replace) the shipped ones in this disposable copy of the tree (plans name models by name).
+    [ -z "${SMOKE:-}" ] && for f in .carry/*.safetensors; do [ -f "$f" ] && cp "$f" src/calofast/models/; done
     run_study "${PLAN:-studies/ds2-factorised.toml}" "${DEADLINE:-520}" "${ONLY:-${SMOKE:+gflash-floor,dpmpp-2m-8}}"
     ;;
-  *) echo "usage: $0 train|continue|ablation|evaluate"; exit 2 ;;
+  *) echo "usage: $0 train|continue|ablation|shortcut|evaluate"; exit 2 ;;
 esac
 tar czf "$OUTABS/results-$PHASE.tgz" -C "$X" .
 stamp "done"; ls -la "$OUTABS"

@@ -28,6 +28,7 @@ from .config import Config, from_dict, to_dict
 from .data import claim_output
 from .diffusion import Preconditioned, parameterisation_from_dict, parameterisation_to_dict
 from .geometry import Geometry, Layer, PRESETS, SamplingMaterial
+from .interval import IntervalDenoiser
 from .nn import build_network
 from .transforms import ShowerTransform, transform_from_spec
 
@@ -152,10 +153,17 @@ class Bundle:
         return self
 
 
-def stage_network(config: Config, transform: ShowerTransform, k: int) -> nn.Module:
-    """The raw network of stage k: the energy stage from `config.energy`, the main stage from `config`."""
+def stage_network(config: Config, transform: ShowerTransform, k: int, extra_cond: int = 0) -> nn.Module:
+    """The raw network of stage k: the energy stage from `config.energy`, the main stage from `config`;
+    `extra_cond` more condition entries (an interval model's jump length)."""
     net_cfg, _, _ = config.stage(transform.stages[k])
-    return build_network(net_cfg, transform.geometry, transform.cond_dims[k], transform.stage_shapes[k])
+    return build_network(net_cfg, transform.geometry, transform.cond_dims[k] + extra_cond, transform.stage_shapes[k])
+
+
+def _interval_spec(denoiser: Preconditioned) -> dict | None:
+    if not isinstance(denoiser, IntervalDenoiser):
+        return None
+    return {"t_max": denoiser.t_max, "max_steps": denoiser.max_steps}
 
 
 def save_bundle(path: "str | Path", stages: list[Stage], transform: ShowerTransform, config: Config, *,
@@ -175,7 +183,8 @@ def save_bundle(path: "str | Path", stages: list[Stage], transform: ShowerTransf
         "format": FORMAT,
         "config": json.dumps(to_dict(config), sort_keys=True),
         "stages": json.dumps([{"name": s.name, "parameterisation": parameterisation_to_dict(s.denoiser.param),
-                               "sampler": s.sampler} for s in stages]),
+                               "sampler": s.sampler, **({"interval": iv} if (iv := _interval_spec(s.denoiser)) else {})}
+                              for s in stages]),
         "transform": json.dumps(transform.spec()),
         "geometry": _geometry_to_json(transform.geometry),
         "weights_dtype": weights_dtype,
@@ -245,11 +254,14 @@ def load_bundle(path: "str | Path", device: "str | torch.device" = "cpu") -> Bun
             raise ValueError(f"stages {[s['name'] for s in specs]} do not fit a {transform.spec()['kind']} transform")
         stages = []
         for k, spec in enumerate(specs):
-            net = stage_network(config, transform, k)
+            iv = spec.get("interval")
+            net = stage_network(config, transform, k, extra_cond=1 if iv else 0)
             net.load_state_dict({key[len(spec["prefix"]):]: v.float() for key, v in tensors.items()
                                  if key.startswith(spec["prefix"])}, strict=True)
             param = parameterisation_from_dict(spec["parameterisation"])
-            stages.append(Stage(spec["name"], Preconditioned(net, param).eval().requires_grad_(False), spec["sampler"]))
+            den = IntervalDenoiser(net, param, float(iv["t_max"]), int(iv["max_steps"])) if iv else \
+                Preconditioned(net, param)
+            stages.append(Stage(spec["name"], den.eval().requires_grad_(False), spec["sampler"]))
     except (KeyError, ValueError, RuntimeError, TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: inconsistent bundle metadata or weights ({err})") from None
     return Bundle(stages, transform, config, meta, path).to(device)

@@ -108,7 +108,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_distill(a: argparse.Namespace) -> int:
     from .checkpoint import load_bundle
     from .config import apply_overrides
-    from .distill import distill_consistency, distill_progressive
+    from .distill import distill_consistency, distill_progressive, distill_shortcut
     if a.method == "progressive" and not (1 <= a.to_steps < a.start_steps):
         raise ValueError(f"--to-steps {a.to_steps} --start-steps {a.start_steps}: progressive distillation halves "
                          "the steps, so 1 <= --to-steps < --start-steps")
@@ -119,8 +119,10 @@ def cmd_distill(a: argparse.Namespace) -> int:
     cfg = apply_overrides(base, sets)
     if a.method == "progressive":
         out = distill_progressive(a.teacher, a.data, a.output, cfg)
-    else:
+    elif a.method == "consistency":
         out = [distill_consistency(a.teacher, a.data, a.output, cfg)]
+    else:
+        out = [distill_shortcut(a.teacher, a.data, a.output, cfg)]
     if int(os.environ.get("RANK", "0")) == 0:
         print("bundles: " + ", ".join(str(p) for p in out))
     return 0

@@ -74,16 +74,17 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", required=True)
     gen.set_defaults(func=handlers["generate"])
 
-    ds = sub.add_parser("distill", help="distil a teacher into a few-step student (progressive or consistency)",
-                        description="Progressive distillation down to 1 step, or consistency distillation. "
-                        "Resumable; multi-GPU through torchrun like training.")
-    ds.add_argument("method", choices=("progressive", "consistency"))
+    ds = sub.add_parser("distill", help="a few-step student from a teacher (progressive, consistency or shortcut)",
+                        description="Progressive distillation down to 1 step, consistency distillation, or a shortcut "
+                        "model (one run for every step count, from a flow-matching teacher; generate it with any "
+                        "--steps). Resumable; multi-GPU through torchrun like training.")
+    ds.add_argument("method", choices=("progressive", "consistency", "shortcut"))
     ds.add_argument("--teacher", required=True, help="teacher bundle (.safetensors)")
     ds.add_argument("--data", required=True, help="training showers (CaloChallenge HDF5)")
     ds.add_argument("--start-steps", type=int, default=128, help="progressive: teacher steps of the first stage")
     ds.add_argument("--to-steps", type=int, default=1, help="progressive: final student steps")
     ds.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override, e.g. distill.showers_per_stage=200000, distill.cm_steps=40")
+                    help="override, e.g. distill.showers_per_stage=200000, distill.cm_steps=40, distill.sc_showers=4000000")
     ds.add_argument("-o", "--output", required=True, help="run folder")
     ds.set_defaults(func=handlers["distill"])
 
@@ -160,9 +161,9 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
                        "through a few-step sampler, evaluate them with the CaloChallenge protocol and print the "
                        "path of report.html.")
     d.add_argument("--n", type=int, default=2000, help="showers (default 2000)")
-    d.add_argument("--model", default="ds2-student-pd-2step",
-                   help="bundle or shipped name (default ds2-student-pd-2step, fast on a CPU; on a GPU use "
-                        "ds2-factorised, the better model: its default is DPM-Solver++(2M) with 32 steps)")
+    d.add_argument("--model", default="ds2-shortcut",
+                   help="bundle or shipped name (default ds2-shortcut, the 2-jump student, fast on a CPU; "
+                        "ds2-factorised is the better model: its default is DPM-Solver++(2M) with 32 steps)")
     d.add_argument("--sampler")
     d.add_argument("--steps", type=int)
     d.add_argument("--device", default="cpu")

@@ -79,7 +79,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    method: Literal["progressive", "consistency"] = "progressive"
+    method: Literal["progressive", "consistency", "shortcut"] = "progressive"
     start_steps: int = 128               # progressive: teacher grid of the first stage (student halves it)
     to_steps: int = 1                    # progressive: final student steps
     showers_per_stage: int = 500_000     # progressive: training length of each halving
@@ -91,6 +91,11 @@ class DistillConfig:
     cm_ema: float = 0.95                 # consistency: target EMA decay mu
     cm_loss: Literal["l2", "pseudo_huber"] = "pseudo_huber"
     cm_sampler_steps: tuple[int, ...] = (1, 2)
+    sc_showers: int = 2_000_000          # shortcut: training length
+    sc_max_steps: int = 128              # shortcut: smallest trained jump t_max / sc_max_steps (a power of two)
+    sc_fraction: float = 0.25            # shortcut: share of each batch on the self-consistency loss
+    sc_steps: int = 2                    # shortcut: the steps the student bundle runs by default (any later)
+    sc_energy_steps: int = 0             # shortcut: > 0 also trains a factorised energy stage, run with these steps
 
 
 _FLOW = DiffusionConfig(param="flow", p_mean=0.0, p_std=1.0, sigma_max=160.0)
@@ -239,8 +244,19 @@ _RULES = [
 ]
 
 
+_DISTILL_RULES = [
+    ("sc_showers", lambda v: v >= 1, "at least 1"), ("sc_steps", lambda v: v >= 1, "at least 1"),
+    ("sc_energy_steps", lambda v: v >= 0, ">= 0"), ("sc_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("sc_max_steps", lambda v: v >= 1 and not v & (v - 1), "a power of two"),
+    ("lr", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
+]
+
+
 def check_config(cfg: "Config") -> None:
     """One clear error for the first out-of-range value (key named as in --set)."""
+    for name, ok, what in _DISTILL_RULES:
+        if not ok(getattr(cfg.distill, name)):
+            raise ValueError(f"distill.{name}={getattr(cfg.distill, name)}: must be {what}")
     sections = {"train": cfg.train, "network": cfg.network, "diffusion": cfg.diffusion, "transform": cfg.transform,
                 "energy.train": cfg.energy.train, "energy.network": cfg.energy.network,
                 "energy.diffusion": cfg.energy.diffusion}

@@ -30,6 +30,7 @@ from . import __version__
 from .checkpoint import Bundle, atomic_write_bytes, file_sha256
 from .data import claim_output
 from .generate import sampling_plan
+from .interval import bind
 from .samplers import SAMPLERS
 
 __all__ = ["UnrolledSampler", "Par04Model", "export_onnx", "export_torchscript", "DETERMINISTIC"]
@@ -60,7 +61,8 @@ class UnrolledSampler(nn.Module):
         for name, _, _ in plan:
             if name not in DETERMINISTIC:
                 raise ValueError(f"export needs a deterministic sampler ({', '.join(DETERMINISTIC)}), not {name!r}")
-        self.denoisers = nn.ModuleList([stage.denoiser for stage in bundle.stages])
+        self.denoisers = nn.ModuleList([bind(stage.denoiser, name, grid)
+                                        for stage, (name, _, grid) in zip(bundle.stages, plan)])
         self.transform, self.plan = bundle.transform, [(name, [float(s) for s in grid]) for name, _, grid in plan]
         self.n_voxels = bundle.geometry.n_voxels
         # Per stage: noise draws (a K-step consistency sampler re-noises K - 1 times) and event shape.
@@ -154,6 +156,7 @@ def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = N
                           opset_version=17, dynamo=False, do_constant_folding=True)
     model = onnx.load_from_string(buf.getvalue())
     model.ir_version = 8
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = V   # [B, V]: a traced factorised decode leaves V open
     meta = _metadata(bundle, plan, flavour, io)
     for key, value in meta.items():
         entry = model.metadata_props.add()

@@ -23,6 +23,7 @@ import torch
 from .checkpoint import Bundle, Stage
 from .diffusion import Boundary
 from .distill.consistency import consistency_points
+from .interval import bind, uniform_grid
 from .rng import EventRNG
 from .samplers import SAMPLERS, CountingDenoiser
 from .schedules import SIGMA_MAX_CAP, karras, karras_consistency, table_grid
@@ -62,12 +63,13 @@ def make_sigmas(denoiser, name: str, steps: int, *, spacing: str = "trailing", r
 def _resolve(stage: Stage, name: str | None, steps: int | None, where: str) -> tuple[str, int, torch.Tensor]:
     spec = stage.sampler or {}
     name = name or spec.get("name") or "dpmpp-2m"
+    jumps = spec.get("method") == "shortcut" and name == spec["name"]       # a shortcut model: any number of jumps
     if spec and name == spec["name"]:
         if steps in (None, int(spec["steps"])) and "sigmas" in spec:
             return name, int(spec["steps"]), torch.tensor(spec["sigmas"], dtype=torch.float64)
         if steps not in (None, int(spec["steps"])) and "grid" in spec:    # consistency: any steps from its grid
             return name, steps, consistency_points(spec["grid"], steps)
-        if steps not in (None, int(spec["steps"])) and "sigmas" in spec:
+        if steps not in (None, int(spec["steps"])) and "sigmas" in spec and not jumps:
             raise ValueError(f"{where}: distilled for {spec['name']} with {spec['steps']} steps; "
                              f"other step counts need an explicit --sampler")
         steps = steps or int(spec["steps"])
@@ -77,6 +79,8 @@ def _resolve(stage: Stage, name: str | None, steps: int | None, where: str) -> t
     if steps is not None and steps < 1:
         raise ValueError(f"{where}: steps must be at least 1 (got {steps})")
     steps = steps or 20
+    if jumps:
+        return name, steps, uniform_grid(steps, float(spec["sigma_max"]))
     return name, steps, make_sigmas(stage.denoiser, name, steps)
 
 
@@ -129,7 +133,7 @@ def sample_batch(bundle: Bundle, energies: torch.Tensor, seed: int, events, *, s
     for k, (stage, (name, _, grid)) in enumerate(zip(bundle.stages, plan)):
         cond = bundle.transform.stage_condition(k, energies, xs)
         noise = rng.randn(bundle.transform.stage_shapes[k])
-        counted = CountingDenoiser(stage.denoiser)
+        counted = CountingDenoiser(bind(stage.denoiser, name, grid))
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             x0 = SAMPLERS[name].fn(counted, noise, grid, cond, rng=rng, **((knobs or {}) if k == len(plan) - 1 else {}))
         xs.append(x0.float())

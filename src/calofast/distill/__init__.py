@@ -1,4 +1,5 @@
-"""Distillation runs: progressive (stage by stage to 1 step) and consistency, through the one `fit` loop.
+"""Few-step students through the one `fit` loop: progressive distillation (stage by stage to 1 step),
+consistency distillation, and the single-stage shortcut model (every jump size in one run).
 
 Every stage writes an ordinary bundle that records the sampler and steps it was made for, its parent
 (the teacher bundle's sha256) and its grid, so `calofast generate --model STUDENT` needs no flags.
@@ -17,14 +18,15 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Bundle, file_sha256, load_bundle, save_bundle
-from ..config import Config, dumps
+from ..config import Config, check_config, dumps
 from ..diffusion import Boundary, Preconditioned
 from ..schedules import SIGMA_MAX_CAP, karras_consistency
 from ..train import fit, load_training_data, setup_distributed
 from .consistency import consistency_loss, consistency_points, update_target
 from .progressive import progressive_loss, student_grid
+from .shortcut import shortcut_loss
 
-__all__ = ["distill_progressive", "distill_consistency", "distill_sigma_range"]
+__all__ = ["distill_progressive", "distill_consistency", "distill_shortcut", "distill_sigma_range"]
 
 log = logging.getLogger("calofast.distill")
 
@@ -45,7 +47,7 @@ def _write(path: Path, teacher: Bundle, ema, sampler: dict, cfg: Config, shown: 
     """The student bundle: the teacher's earlier stages, then the distilled main stage."""
     stages = teacher.stages[:-1] + [teacher.stages[-1].with_denoiser(ema, sampler)]
     save_bundle(path, stages, teacher.transform, cfg, train_seed=cfg.train.seed, events_seen=shown, data=data_meta,
-                parent=parent)
+                parent=parent, weights_dtype=cfg.train.bundle_dtype)
 
 
 def _meta(teacher_path: Path, data_path: Path, x0: torch.Tensor) -> tuple[str, list[dict]]:
@@ -131,4 +133,66 @@ def distill_consistency(teacher_path: "str | Path", data_path: "str | Path", run
                      lr=dc.lr)
     fit(loss, student, (x0, cond), cm_cfg, run_dir, on_checkpoint=write, dist_info=d, desc="consistency",
         after_step=lambda model: update_target(target, model, dc.cm_ema), extra_modules={"target": target})
+    return bundle_path
+
+
+def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_dir: "str | Path",
+                     cfg: Config) -> Path:
+    """A shortcut model fine-tuned from a flow-matching teacher in one run (`shortcut.py`): the main stage,
+    and with distill.sc_energy_steps > 0 a factorised teacher's energy stage first (its own folder
+    run_dir/energy, length and time budget from energy.train). Given a shortcut bundle instead, trains that
+    one further (its own t_max and max_steps)."""
+    from ..interval import IntervalDenoiser, uniform_grid, widen_condition
+
+    d = setup_distributed()
+    run_dir, teacher_path, data_path = Path(run_dir), Path(teacher_path), Path(data_path)
+    teacher_bundle = load_bundle(teacher_path, d.device)
+    dc = cfg.distill
+    check_config(cfg)
+    names = list(teacher_bundle.transform.stages)
+    if dc.sc_energy_steps and names[0] != "energy":
+        raise ValueError(f"{teacher_path}: distill.sc_energy_steps needs a factorised teacher (stages {names})")
+    for stage in teacher_bundle.stages:
+        if isinstance(stage.denoiser, IntervalDenoiser) and stage.denoiser.max_steps != dc.sc_max_steps:
+            raise ValueError(f"{teacher_path}: its {stage.name} stage is a shortcut model with max_steps "
+                             f"{stage.denoiser.max_steps}; distill.sc_max_steps={dc.sc_max_steps} cannot continue it")
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(dumps(cfg))
+    data = load_training_data(data_path, teacher_bundle.transform, cfg.train.max_events, d.device)
+    parent, data_meta = _meta(teacher_bundle.path, data_path, data[-1][0]) if d.main else ("", [])
+    stages = list(teacher_bundle.stages)
+    bundle_path = run_dir / "shortcut.safetensors"
+    main_k = len(stages) - 1
+    for k in ([0] if dc.sc_energy_steps else []) + [main_k]:
+        teacher = stages[k].denoiser
+        more = isinstance(teacher, IntervalDenoiser)
+        s_max = min(teacher.sigma_max, SIGMA_MAX_CAP * teacher.sigma_data) if k < main_k else \
+            distill_sigma_range(teacher_bundle, cfg)[1]
+        t_max = teacher.t_max if more else s_max / (1 + s_max)
+        s_max = t_max / (1 - t_max)
+        net = copy.deepcopy(teacher.net) if more else widen_condition(teacher.net)
+        student = IntervalDenoiser(net.train().requires_grad_(True), teacher.param, t_max, dc.sc_max_steps)
+        steps = dc.sc_steps if k == main_k else dc.sc_energy_steps
+        sampler = {"name": "euler", "steps": steps, "sigmas": uniform_grid(steps, s_max).tolist(),
+                   "method": "shortcut", "sigma_max": s_max}
+
+        def write(ema, shown, k=k, sampler=sampler):
+            done = stages[:k] + [stages[k].with_denoiser(ema, sampler)] + stages[k + 1:]
+            save_bundle(bundle_path, done, teacher_bundle.transform, cfg, train_seed=cfg.train.seed,
+                        events_seen=shown if k == main_k else 0, data=data_meta, parent=parent,
+                        weights_dtype=cfg.train.bundle_dtype)
+
+        sample_sigma = teacher.param.sample_sigma
+        loss = lambda model, x, c, g, t_max=t_max, sample_sigma=sample_sigma: shortcut_loss(
+            model, x, c, t_max, dc.sc_max_steps, dc.sc_fraction, sample_sigma, g)
+        base = cfg.train if k == main_k else cfg.stage("energy")[2]
+        showers = dc.sc_showers if k == main_k else base.showers
+        sc_cfg = replace(base, showers=showers, warmup_showers=min(base.warmup_showers, showers // 10), lr=dc.lr)
+        ema, finished = fit(loss, student, data[k], sc_cfg, run_dir if k == main_k else run_dir / stages[k].name,
+                            on_checkpoint=write, dist_info=d, desc=f"shortcut {stages[k].name}")
+        if not finished:
+            log.info("stopped early in the %s stage; re-run to resume", stages[k].name)
+            return bundle_path
+        stages[k] = stages[k].with_denoiser(ema.eval(), sampler)
     return bundle_path

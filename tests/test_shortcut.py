@@ -1,0 +1,128 @@
+"""The shortcut model (interval denoiser + single-stage training) on the tiny factorised model, on CPU:
+the widened network starts as its teacher, the bound grid turns Euler steps into exact jumps, training
+makes one jump land closer to the teacher's many-step ODE, and the bundle generates and exports with any
+number of steps."""
+import numpy as np
+import pytest
+import torch
+
+from calofast.checkpoint import load_bundle
+from calofast.cli import main
+from calofast.config import apply_overrides, get_preset
+from calofast.data import read_showers
+from calofast.distill import distill_shortcut, distill_sigma_range
+from calofast.generate import sample_batch, sampling_plan
+from calofast.interval import IntervalDenoiser, bind, interval_code, uniform_grid, velocity, widen_condition
+from calofast.rng import EventRNG
+from calofast.samplers import euler, euler_step
+from calofast.train import train_model
+
+from helpers import tiny_data, tiny_xml
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sc")
+    cfg = apply_overrides(get_preset("tiny-factorised"), [f"geometry={tiny_xml(tmp)}", "train.showers=6000"])
+    return train_model(cfg, tiny_data(tmp), tmp / "run"), tmp
+
+
+def _inputs(b, n=64, seed=0):
+    energies = torch.exp(torch.linspace(np.log(1e3), np.log(1e5), n, dtype=torch.float64))
+    rng = EventRNG(seed, range(n))
+    x_e = rng.randn(b.transform.stage_shapes[0])
+    cond = b.transform.stage_condition(1, energies, [x_e])
+    return rng.randn(b.event_shape), cond.float()
+
+
+def test_widened_network_is_the_teacher_whatever_the_interval(teacher):
+    b = load_bundle(teacher[0])
+    noise, cond = _inputs(b)
+    den = IntervalDenoiser(widen_condition(b.denoiser.net), b.denoiser.param, 0.99, 8).eval()
+    sigma = torch.full((noise.shape[0],), 3.0)
+    with torch.no_grad():
+        ref = b.denoiser(3 * noise, sigma, cond)
+        for h in (None, torch.zeros(len(noise)), torch.full((len(noise),), 0.5)):
+            assert torch.equal(den(3 * noise, sigma, cond, interval=h), ref)
+
+
+def test_interval_code_spreads_the_trained_jumps_evenly():
+    h = 0.9 / torch.tensor([1.0, 2, 4, 8, 16], dtype=torch.float64)
+    code = interval_code(torch.cat([h, torch.zeros(1)]), 0.9, 16)
+    assert torch.allclose(code, torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="power of two"):
+        interval_code(h, 0.9, 12)
+
+
+def test_bound_grid_makes_each_euler_step_one_exact_jump(teacher):
+    b = load_bundle(teacher[0])
+    noise, cond = _inputs(b, n=8)
+    s_max = 160.0
+    den = IntervalDenoiser(widen_condition(b.denoiser.net), b.denoiser.param, s_max / (1 + s_max), 8)
+    torch.nn.init.normal_(den.net.emb.cond_mlp[0].weight)            # the interval now matters
+    grid = uniform_grid(4, s_max)
+    t = grid / (1 + grid)
+    assert torch.allclose(t[:-1] - t[1:], torch.full((4,), t[0] / 4, dtype=torch.float64))
+    bound = bind(den, "euler", grid)
+    assert bind(den, "dpmpp-2m", grid) is den                     # a multistep solver gets the one-jump x0
+    sig = torch.full((8,), float(grid[1]))
+    assert torch.allclose(bound.jump(sig), torch.full((8,), float(t[1] - t[2]), dtype=torch.float64))
+    assert torch.allclose(bound.jump(torch.full((8,), 0.37)), torch.full((8,), 0.37 / 1.37, dtype=torch.float64))
+    with torch.no_grad():
+        x = float(grid[1]) * noise
+        x_next, _ = euler_step(bound, x, float(grid[1]), float(grid[2]), cond)
+        x_t = x / (1 + grid[1]).float()
+        h = torch.full((8,), float(t[1] - t[2]))
+        s = velocity(den, x_t, torch.full((8,), float(t[1])), h, cond)
+        jumped = (x_t - float(t[1] - t[2]) * s) * (1 + grid[2]).float()     # back to sigma-space
+    assert torch.allclose(x_next, jumped, atol=1e-4, rtol=1e-4)
+
+
+def test_training_brings_one_jump_closer_to_the_teacher_ode(teacher, tmp_path):
+    path, tmp = teacher
+    b = load_bundle(path)
+    cfg = apply_overrides(b.config, ["distill.sc_showers=8000", "distill.sc_max_steps=8", "distill.lr=1e-3",
+                                     "train.batch_size=64", "train.checkpoint_showers=8000", "distill.sc_steps=1"])
+    out = distill_shortcut(path, tiny_data(tmp), tmp_path / "sc", cfg)
+    student = load_bundle(out)
+    assert isinstance(student.denoiser, IntervalDenoiser) and student.sampler["method"] == "shortcut"
+    assert student.stages[0].sampler == b.stages[0].sampler           # the energy stage is the teacher's
+    _, s_max = distill_sigma_range(b, cfg)
+    noise, cond = _inputs(b, n=512, seed=4)
+    x = noise * s_max
+    with torch.no_grad():
+        ode = euler(b.denoiser, x, uniform_grid(64, s_max), cond)
+        g1 = uniform_grid(1, s_max)
+        before = (euler(b.denoiser, x, g1, cond) - ode).pow(2).flatten(1).mean(1)
+        after = (euler(student.denoiser.on_grid(g1), x, g1, cond) - ode).pow(2).flatten(1).mean(1)
+    diff = before - after                                             # paired over the same noise and conditions
+    assert float(diff.mean()) > 5 * float(diff.std()) / len(diff) ** 0.5, (float(before.mean()), float(after.mean()))
+
+
+def test_shortcut_bundle_generates_with_any_steps_and_exports(teacher, tmp_path, capsys):
+    path, tmp = teacher
+    assert main(["distill", "shortcut", "--teacher", str(path), "--data", str(tiny_data(tmp)), "--set",
+                 "distill.sc_showers=256", "--set", "distill.sc_max_steps=4", "--set", "distill.sc_energy_steps=2",
+                 "--set", "energy.train.showers=512", "-o", str(tmp_path / "sc")]) == 0
+    out = tmp_path / "sc/shortcut.safetensors"
+    for steps, flags in ((2, []), (1, ["--steps", "1"]), (3, ["--steps", "3"])):
+        g = tmp_path / f"sc{steps}.h5"
+        assert main(["generate", "--model", str(out), "--n", "6", "-o", str(g), *flags]) == 0
+        assert f"sampler euler, {steps} steps, NFE {steps} (+2 energy)" in capsys.readouterr().out
+        s = read_showers(g)[1]
+        assert np.all(np.isfinite(s)) and np.all(s >= 0)
+    student = load_bundle(out)
+    assert all(isinstance(s.denoiser, IntervalDenoiser) for s in student.stages)
+    name, steps, grid = sampling_plan(student, steps=4)[-1]
+    assert (name, steps) == ("euler", 4) and torch.allclose(grid, uniform_grid(4, student.sampler["sigma_max"]))
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+    from calofast.export import export_onnx
+    onnx_path = export_onnx(student, tmp_path / "sc1.onnx", steps=1)
+    e = torch.tensor([2e3, 7e4], dtype=torch.float64)
+    ref, nfe, _ = sample_batch(student, e, 5, range(2), steps=1)
+    r = EventRNG(5, range(2))
+    noise = torch.cat([r.randn(shape).reshape(2, -1) for shape in student.transform.stage_shapes], 1)
+    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(
+        None, {"conditions": e.float()[:, None].numpy(), "noise": noise.numpy()})[0]
+    assert nfe == {"energy": 2, "shape": 1}
+    assert np.linalg.norm(got - ref.numpy()) <= 1e-4 * np.linalg.norm(ref.numpy()) + 1e-6
