@@ -119,7 +119,7 @@ def test_ds2_plan_with_gflash_reference_and_floor(tmp_path):
     """GFlash reference made by the study, the floor row, and a deliberately poor row: the shipped teacher with
     one Euler step (CPU, --fast)."""
     plan = tmp_path / "ds2.toml"
-    plan.write_text('[reference]\nn = 400\ngflash_seed = 1001\nfloor_seed = 2002\n'
+    plan.write_text('timing_repeats = 0\n[reference]\nn = 400\ngflash_seed = 1001\nfloor_seed = 2002\n'
                     '[[rows]]\nlabel = "euler-1"\nmodel = "ds2-factorised"\nsampler = "euler"\nsteps = 1\n'
                     'batch_size = 200\nfamily = "teacher"\n')
     out = tmp_path / "s"
