@@ -31,9 +31,12 @@ __all__ = ["distill_progressive", "distill_consistency", "distill_shortcut", "di
 log = logging.getLogger("calofast.distill")
 
 
-def distill_sigma_range(bundle: Bundle, cfg: Config) -> tuple[float, float]:
-    d = bundle.denoiser
-    s_max = cfg.distill.sigma_max or min(d.sigma_max, SIGMA_MAX_CAP * d.sigma_data)
+def distill_sigma_range(bundle: Bundle, cfg: Config, k: int = -1) -> tuple[float, float]:
+    """(sigma_min, sigma_max) a student of stage k (default the main one) trains on: the teacher's, sigma_max
+    capped at SIGMA_MAX_CAP sigma_data; distill.sigma_max overrides it for the main stage."""
+    d = bundle.stages[k].denoiser
+    main = k in (-1, len(bundle.stages) - 1)
+    s_max = (cfg.distill.sigma_max if main else 0) or min(d.sigma_max, SIGMA_MAX_CAP * d.sigma_data)
     return d.sigma_min, s_max
 
 
@@ -167,8 +170,7 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
     for k in ([0] if dc.sc_energy_steps else []) + [main_k]:
         teacher = stages[k].denoiser
         more = isinstance(teacher, IntervalDenoiser)
-        s_max = min(teacher.sigma_max, SIGMA_MAX_CAP * teacher.sigma_data) if k < main_k else \
-            distill_sigma_range(teacher_bundle, cfg)[1]
+        s_max = distill_sigma_range(teacher_bundle, cfg, k)[1]
         t_max = teacher.t_max if more else s_max / (1 + s_max)
         s_max = t_max / (1 - t_max)
         net = copy.deepcopy(teacher.net) if more else widen_condition(teacher.net)
