@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device runs of the fidelity issue (one H200; docs/experiments.md records each). PHASE is one of
-#   train     GFlash DS2 training data (300,000 showers, seed 7), then the
+#   train     GFlash DS2 training data (300,000 showers, seed DATA_SEED, default 7), then the
 #             factorised model (preset ds2-factorised): energy stage E_S s, shape stage S_S s (compiled), fp16 bundle.
 #   ablation  equal-budget rows ROWS="abl-final abl-deq ..." (row_args below: one ingredient changed each), one
 #             after another, each ABL_S s of training alone on the GPU (eager, same data; factorised rows give ABL_E
@@ -32,7 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 data() {
   local workers=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))
-  [ -f $W/train.h5 ] || quiet cf gflash --geometry ds2 --n $N_TRAIN --seed 7 --workers $workers --chunk 2000 --no-compress -o $W/train.h5
+  [ -f $W/train.h5 ] || quiet cf gflash --geometry ds2 --n $N_TRAIN --seed ${DATA_SEED:-7} --workers $workers --chunk 2000 --no-compress -o $W/train.h5
   stamp "data ready"
 }
 
