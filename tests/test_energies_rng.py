@@ -4,7 +4,7 @@ import torch
 from scipy import stats
 
 from calofast.energies import parse_energy, parse_spectrum
-from calofast.rng import EventRNG, hash32
+from calofast.rng import EventRNG, event_keys, hash32
 
 
 def test_parse_energy_units():
@@ -54,3 +54,17 @@ def test_event_noise_is_batch_independent_and_normal():
     c2 = np.corrcoef(m[:, :-1].ravel(), m[:, 1:].ravel())[0, 1]
     assert abs(c) < 5 / np.sqrt(m[:-1].size) and abs(c2) < 5 / np.sqrt(m[:, :-1].size)
     assert not torch.equal(EventRNG(8, range(3)).randn((5,)), EventRNG(7, range(3)).randn((5,)))
+
+
+def test_event_keys_vectorised_equals_seedsequence():
+    """The vectorised key derivation is numpy's SeedSequence bit for bit (edges of the 32-bit range
+    included), and values beyond 32 bits take the per-event SeedSequence path."""
+    def loop(seed, events, purpose):
+        return np.stack([np.random.SeedSequence([seed, int(k), purpose]).generate_state(2, np.uint32)
+                         for k in events]).astype(np.int64)
+
+    cases = [(0, range(2000), 2), (2**32 - 1, range(2**32 - 300, 2**32), 0), (123456789, range(5, 3000, 7), 1),
+             (7, [3, 1, 99, 2**31], 2), (2**40, range(4), 2), (3, [2**33, 5], 1)]
+    for seed, events, purpose in cases:
+        np.testing.assert_array_equal(event_keys(seed, events, purpose), loop(seed, events, purpose))
+    assert event_keys(5, range(0), 2).shape == (0, 2)
