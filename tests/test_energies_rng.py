@@ -67,4 +67,5 @@ def test_event_keys_vectorised_equals_seedsequence():
              (7, [3, 1, 99, 2**31], 2), (2**40, range(4), 2), (3, [2**33, 5], 1)]
     for seed, events, purpose in cases:
         np.testing.assert_array_equal(event_keys(seed, events, purpose), loop(seed, events, purpose))
+    np.testing.assert_array_equal(event_keys(3, iter([2**33, 5]), 1), loop(3, [2**33, 5], 1))  # an iterator
     assert event_keys(5, range(0), 2).shape == (0, 2)

@@ -74,6 +74,7 @@ def event_keys(seed: int, events: Iterable[int], purpose: int) -> np.ndarray:
     """[B, 2] uint32 keys per event (as int64), mixed from (seed, event, purpose) through numpy's
     SeedSequence: vectorised where every value is one 32-bit word (a per-event Python loop cost
     ~0.01-0.02 ms per shower, as much as a network evaluation), the loop itself otherwise."""
+    events = events if isinstance(events, range) else [int(k) for k in events]   # iterate once
     k = _as_uint32(events)
     if k is not None and 0 <= seed <= _MASK and 0 <= purpose <= _MASK:
         with np.errstate(over="ignore"):
