@@ -50,6 +50,25 @@ def test_sampling_both_stages(factorised):
     assert sampling_plan(b, "heun", 3)[0][:2] == ("heun", 4) and sampling_plan(b, "heun", 3)[1][:2] == ("heun", 3)
 
 
+def test_energy_stage_sampler_override(factorised, tmp_path, capsys):
+    """--energy-sampler NAME:STEPS replaces the energy stage's own sampler (heun 4 = 7 NFE) and is recorded;
+    a bad value is one clear line and exit code 2."""
+    b = load_bundle(factorised[0])
+    e = torch.tensor([1.5e3, 2e4], dtype=torch.float64)
+    _, nfe, _ = sample_batch(b, e, 3, range(2), sampler="euler", steps=2, early=("dpmpp-2m", 3))
+    assert nfe == {"energy": 3, "shape": 2}
+    out = tmp_path / "e.h5"
+    assert main(["generate", "--model", str(factorised[0]), "--n", "3", "--steps", "2", "--energy-sampler", "euler:5",
+                 "-o", str(out)]) == 0
+    assert json.loads(file_attrs(out)["nfe"]) == {"energy": 5, "shape": 2}
+    assert file_attrs(out)["early_sampler"] == "euler:5"
+    capsys.readouterr()
+    assert main(["generate", "--model", str(factorised[0]), "--n", "3", "--energy-sampler", "dpmpp-2m",
+                 "-o", str(tmp_path / "bad.h5")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "energy sampler 'dpmpp-2m'" in err[0] and not (tmp_path / "bad.h5").exists()
+
+
 def test_cli_generate_reports_both_stages_and_clipping(factorised, tmp_path, capsys):
     out = tmp_path / "g.h5"
     assert main(["generate", "--model", str(factorised[0]), "--n", "7", "--steps", "4", "-o", str(out)]) == 0

@@ -8,6 +8,8 @@
 #   shortcut  (few-step issue) a shortcut student of the shipped teacher (calofast distill shortcut; SC_INIT=.carry/
 #             ds2-shortcut.safetensors trains a carried one further), SC_S s compiled, fp16 bundle; ONLY=row,row then
 #             evaluates those rows of studies/ds2-shortcut.toml with it in the same call.
+#   speed     (few-step issue) pipeline profiles and calofast bench runs (PROFILES, BENCHES: ';'-separated argument
+#             lists), then ONLY=row,row of PLAN (default studies/ds2-shortcut.toml).
 #   evaluate  calofast study PLAN (default studies/ds2-factorised.toml) into runs/device/study-NAME: every row
 #             generated, timed and evaluated with the full protocol (EVAL_JOBS evaluations at a time), resumable;
 #             stops by DEADLINE s and packs each row's generation.json, metrics.json and report into the results.
@@ -130,12 +132,30 @@ case "$PHASE" in
     stamp "plan $plan"
     run_study $plan $(( ${DEADLINE:-565} - ($(date +%s) - t0) )) "${ONLY:-}"
     ;;
+  speed)        # (few-step issue) where a batch's time goes (benchmarks/profile_pipeline.py, PROFILES="ARGS;ARGS"),
+                # calofast bench of BENCHES="ARGS;ARGS" (each: --model ... --steps ...), then ONLY=rows of PLAN
+    [ -z "${SMOKE:-}" ] && for f in .carry/*.safetensors; do [ -f "$f" ] && cp "$f" src/calofast/models/; done
+    dt=bf16; [ -n "${SMOKE:-}" ] && dt=fp32
+    IFS=';' read -ra profs <<< "${PROFILES:-}"
+    for p in "${profs[@]}"; do
+      stamp "profile $p"
+      timeout ${STEP_S:-120} python benchmarks/profile_pipeline.py --device $DEV ${SMOKE:+--no-graph --repeats 2} \
+        $([ -z "${SMOKE:-}" ] && echo "--bf16 --compile") $p 2>&1 | grep -v Warning | tee -a "$X/profile.txt"
+    done
+    IFS=';' read -ra benches <<< "${BENCHES:-}"
+    for k in "${!benches[@]}"; do
+      stamp "bench ${benches[$k]}"
+      timeout ${STEP_S:-120} python -m calofast bench ${benches[$k]} --device $DEV --dtype $dt --repeats ${REPEATS:-5} \
+        $([ -z "${SMOKE:-}" ] && echo "--compile") -o "$X/bench-$k.csv" 2>&1 | grep -v -E "Warning|it/s|s/it" | tee -a "$X/bench.txt"
+    done
+    [ -n "${ONLY:-}" ] && run_study "${PLAN:-studies/ds2-shortcut.toml}" $(( ${DEADLINE:-560} - ($(date +%s) - t0) )) "$ONLY"
+    ;;
   evaluate)
     # Carried bundles join (or replace) the shipped ones in this disposable copy of the tree (plans name models by name).
     [ -z "${SMOKE:-}" ] && for f in .carry/*.safetensors; do [ -f "$f" ] && cp "$f" src/calofast/models/; done
     run_study "${PLAN:-studies/ds2-factorised.toml}" "${DEADLINE:-520}" "${ONLY:-${SMOKE:+gflash-floor,dpmpp-2m-8}}"
     ;;
-  *) echo "usage: $0 train|continue|ablation|shortcut|evaluate"; exit 2 ;;
+  *) echo "usage: $0 train|continue|ablation|shortcut|speed|evaluate"; exit 2 ;;
 esac
 tar czf "$OUTABS/results-$PHASE.tgz" -C "$X" .
 stamp "done"; ls -la "$OUTABS"

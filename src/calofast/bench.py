@@ -32,9 +32,11 @@ def hardware(device: torch.device) -> str:
 
 def bench(bundle: Bundle, sampler: str | None, steps: int | None, batch_sizes=(1, 100, 10_000), repeats: int = 10,
           bf16: bool = False, label: str = "", seed: int = 0, knobs: dict | None = None,
-          progress: bool = False) -> list[dict]:
-    """One row per batch size (`knobs`: the main stage's sampler options, e.g. eta); `progress`: a bar per
-    batch size over its warm-up and repeats."""
+          progress: bool = False, early: tuple[str, int] | None = None, cuda_graph: bool = False) -> list[dict]:
+    """One row per batch size (`knobs`: the main stage's sampler options, e.g. eta; `early`: (sampler, steps)
+    of the stages before the main one); `progress`: a bar per batch size over its warm-up and repeats.
+    `cuda_graph`: each batch size captured once as a CUDA graph (`graphs.GraphedSampler`; the capture is
+    not timed, the copy of energies and event keys into the graph is)."""
     from tqdm import tqdm
     device = next(bundle.denoiser.parameters()).device
     name, n_steps, sigmas = resolve_sampler(bundle, sampler, steps)
@@ -42,13 +44,19 @@ def bench(bundle: Bundle, sampler: str | None, steps: int | None, batch_sizes=(1
     rows = []
     for b in batch_sizes:
         energies = torch.from_numpy(np.exp(np.random.default_rng(seed).uniform(np.log(lo), np.log(hi), b)))
+        args = dict(sampler=name, steps=n_steps, sigmas=sigmas, bf16=bf16, knobs=knobs, early=early)
+        if cuda_graph:
+            from .graphs import GraphedSampler
+            run = GraphedSampler(bundle, b, **args)
+        else:
+            def run(e, s, events):
+                return sample_batch(bundle, e, s, events, **args)
 
         def once() -> tuple[float, dict]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            _, nfe, _ = sample_batch(bundle, energies, seed, range(b), sampler=name, steps=n_steps, sigmas=sigmas,
-                                     bf16=bf16, knobs=knobs)
+            _, nfe, _ = run(energies, seed, range(b))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             return time.perf_counter() - t0, nfe
@@ -68,7 +76,7 @@ def bench(bundle: Bundle, sampler: str | None, steps: int | None, batch_sizes=(1
                      "std": statistics.stdev(times) if len(times) > 1 else 0.0,
                      "median": statistics.median(times), "showers_per_s": 1e3 / statistics.median(times),
                      "repeats": repeats, "device": hardware(device), "dtype": "bf16" if bf16 else "fp32",
-                     "threads": torch.get_num_threads(), "compiled": is_compiled(bundle)})
+                     "threads": torch.get_num_threads(), "compiled": is_compiled(bundle), "cuda_graph": cuda_graph})
     return rows
 
 

@@ -156,9 +156,15 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return int(k), int(n)
 
 
+def _graph_ok(wanted: bool, device: str) -> bool:
+    if wanted and not str(device).startswith("cuda"):
+        raise ValueError(f"--cuda-graph needs --device cuda (got {device})")
+    return wanted
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from .checkpoint import load_bundle
-    from .generate import compile_network, generate_file, nfe_text, shard_range
+    from .generate import compile_network, generate_file, nfe_text, parse_stage_sampler, shard_range
     shard, output, device = _shard(a.shard), Path(a.output), a.device
     if a.shard == "torchrun":
         output = output.with_name(f"{output.stem}.part{shard[0]:04d}-of-{shard[1]:04d}{output.suffix}")
@@ -175,7 +181,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         compile_network(bundle)
     knobs = {"eta": a.eta} if a.eta is not None else {}
     stats = generate_file(bundle, output, energies, seed=a.seed, sampler=a.sampler, steps=a.steps,
-                          batch_size=a.batch_size, bf16=a.dtype == "bf16", force=a.force, knobs=knobs, first_event=first)
+                          batch_size=a.batch_size, bf16=a.dtype == "bf16", force=a.force, knobs=knobs, first_event=first,
+                          early=parse_stage_sampler(a.energy_sampler), cuda_graph=_graph_ok(a.cuda_graph, device))
     print(f"wrote {stats.n} showers to {stats.path}: sampler {stats.sampler}, {stats.steps} steps, "
           f"{nfe_text(stats.nfe)}, {stats.showers_per_s:.1f} showers/s on {a.device} ({a.dtype}); "
           f"{stats.clipped} clipped showers")
@@ -225,8 +232,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.compile:
         from .generate import compile_network
         compile_network(bundle)
-    rows = bench(bundle, a.sampler, a.steps, [int(b) for b in sizes], a.repeats,
-                 bf16=a.dtype == "bf16", progress=True)
+    from .generate import parse_stage_sampler
+    rows = bench(bundle, a.sampler, a.steps, [int(b) for b in sizes], a.repeats, bf16=a.dtype == "bf16", progress=True,
+                 early=parse_stage_sampler(a.energy_sampler), cuda_graph=_graph_ok(a.cuda_graph, a.device))
     print(f"{'sampler':>14} {'NFE':>5} {'batch':>6} {'ms/shower':>12} {'std':>9} {'showers/s':>11}  device")
     for r in rows:
         print(f"{r['label']:>14} {r['nfe']:5d} {r['batch']:6d} {r['ms_per_shower']:12.5f} {r['std']:9.5f} "

@@ -32,7 +32,8 @@ from .transforms import MAX_RESPONSE
 log = logging.getLogger("calofast")
 
 __all__ = ["make_sigmas", "sample_batch", "generate_file", "GenerateStats", "resolve_sampler", "sampling_plan",
-           "compile_network", "is_compiled", "nfe_text", "shard_range", "merge_files"]
+           "bound_plan", "run_stages", "parse_stage_sampler", "compile_network", "is_compiled", "nfe_text",
+           "shard_range", "merge_files"]
 
 
 def _table(param):
@@ -90,10 +91,24 @@ def resolve_sampler(bundle: Bundle, name: str | None, steps: int | None) -> tupl
     return _resolve(bundle.stages[-1], name, steps, str(bundle.path))
 
 
+def parse_stage_sampler(text: str | None) -> tuple[str, int] | None:
+    """'dpmpp-2m:16' -> ('dpmpp-2m', 16): the sampler of the stages before the main one (None: their own)."""
+    if not text:
+        return None
+    name, _, steps = text.partition(":")
+    if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"energy sampler {text!r}: expected NAME:STEPS with NAME one of {', '.join(SAMPLERS)}, "
+                         "e.g. dpmpp-2m:16")
+    return name, int(steps)
+
+
 def sampling_plan(bundle: Bundle, name: str | None = None, steps: int | None = None,
-                  sigmas: torch.Tensor | None = None) -> list[tuple[str, int, torch.Tensor]]:
-    """(sampler, steps, grid) for every stage: earlier stages their own default, the main stage as asked."""
-    plan = [_resolve(stage, None, None, f"{bundle.path} ({stage.name} stage)") for stage in bundle.stages[:-1]]
+                  sigmas: torch.Tensor | None = None,
+                  early: tuple[str, int] | None = None) -> list[tuple[str, int, torch.Tensor]]:
+    """(sampler, steps, grid) for every stage: the main stage as asked, earlier stages (a factorised model's
+    energy stage) their own default or `early` = (sampler, steps)."""
+    e_name, e_steps = early or (None, None)
+    plan = [_resolve(stage, e_name, e_steps, f"{bundle.path} ({stage.name} stage)") for stage in bundle.stages[:-1]]
     main = (name, steps, sigmas) if sigmas is not None else resolve_sampler(bundle, name, steps)
     return plan + [main]
 
@@ -120,25 +135,47 @@ def is_compiled(bundle: Bundle) -> bool:
 
 def sample_batch(bundle: Bundle, energies: torch.Tensor, seed: int, events, *, sampler: str | None = None,
                  steps: int | None = None, sigmas: torch.Tensor | None = None, bf16: bool = False,
-                 knobs: dict | None = None) -> tuple[torch.Tensor, dict[str, int], torch.Tensor]:
+                 knobs: dict | None = None, early: tuple[str, int] | None = None
+                 ) -> tuple[torch.Tensor, dict[str, int], torch.Tensor]:
     """One batch: (showers [B, V] MeV float32 on the bundle's device, counted NFE per stage, clipped [B]).
 
     sampler/steps (and the sampler `knobs`) apply to the main stage and default to the bundle's own
-    (distilled students), else DPM-Solver++(2M) with 20 steps; earlier stages use their own default."""
+    (distilled students), else DPM-Solver++(2M) with 20 steps; earlier stages use their own default, or
+    `early` = (sampler, steps)."""
     device = next(bundle.denoiser.parameters()).device
     energies = torch.as_tensor(energies, dtype=torch.float64, device=device).reshape(-1)
-    plan = sampling_plan(bundle, sampler, steps, sigmas)
-    rng = EventRNG(seed, events, device)
+    plan = bound_plan(bundle, sampling_plan(bundle, sampler, steps, sigmas, early))
+    return run_stages(bundle, plan, energies, EventRNG(seed, events, device), bf16=bf16, knobs=knobs)
+
+
+def bound_plan(bundle: Bundle, plan: list[tuple[str, int, torch.Tensor]]) -> list[tuple[str, torch.Tensor, object]]:
+    """(sampler, grid, the denoiser that sampler calls on that grid) for every stage."""
+    return [(name, grid, bind(stage.denoiser, name, grid)) for stage, (name, _, grid) in zip(bundle.stages, plan)]
+
+
+def run_stages(bundle: Bundle, plan: list[tuple[str, torch.Tensor, object]], energies: torch.Tensor, rng: EventRNG,
+               *, bf16: bool = False, knobs: dict | None = None, autocast_cache: bool = True,
+               mark=None) -> tuple[torch.Tensor, dict[str, int], torch.Tensor]:
+    """The GPU/CPU work of one batch: every stage's noise, sampler and condition, then the inverse transform.
+    No host synchronisation, so a CUDA graph can capture it (`graphs.GraphedSampler`; autocast_cache off).
+    `mark(phase)`, if given, is called after each phase ('condition STAGE', 'noise STAGE', 'sampler STAGE',
+    'decode'): the hook of `benchmarks/profile_pipeline.py`."""
+    device, mark = energies.device, mark or (lambda phase: None)
     xs, nfe = [], {}
-    for k, (stage, (name, _, grid)) in enumerate(zip(bundle.stages, plan)):
+    for k, (stage, (name, grid, denoiser)) in enumerate(zip(bundle.stages, plan)):
         cond = bundle.transform.stage_condition(k, energies, xs)
+        mark(f"condition {stage.name}")
         noise = rng.randn(bundle.transform.stage_shapes[k])
-        counted = CountingDenoiser(bind(stage.denoiser, name, grid))
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        mark(f"noise {stage.name}")
+        counted = CountingDenoiser(denoiser)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16,
+                                             cache_enabled=autocast_cache):
             x0 = SAMPLERS[name].fn(counted, noise, grid, cond, rng=rng, **((knobs or {}) if k == len(plan) - 1 else {}))
         xs.append(x0.float())
         nfe[stage.name] = counted.nfe
+        mark(f"sampler {stage.name}")
     showers, clipped = bundle.transform.decode(xs, energies)
+    mark("decode")
     return showers, nfe, clipped
 
 
@@ -172,12 +209,14 @@ class GenerateStats:
 def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray, *, seed: int = 0,
                   sampler: str | None = None, steps: int | None = None, batch_size: int = 1000,
                   bf16: bool = False, force: bool = False, knobs: dict | None = None,
-                  progress: bool = True, first_event: int = 0) -> GenerateStats:
+                  progress: bool = True, first_event: int = 0, early: tuple[str, int] | None = None,
+                  cuda_graph: bool = False) -> GenerateStats:
     """Write len(energies_mev) showers to a CaloChallenge file, batch by batch (atomic, --force aware).
 
     Shower k of the file is event `first_event + k` of the seed's stream, so files of consecutive ranges
     hold exactly the events of one file of the whole range. The file's attributes record model, sampler,
-    steps, seed, first event, NFE per stage and the clipped-shower count."""
+    steps, seed, first event, NFE per stage and the clipped-shower count. `early`: (sampler, steps) of the
+    stages before the main one; `cuda_graph`: every batch size replayed from a CUDA graph (GPU only)."""
     from tqdm import tqdm
 
     from .data import ShowerWriter
@@ -192,15 +231,26 @@ def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray
     device = next(bundle.denoiser.parameters()).device
     attrs = {"generator": "calofast", "model": bundle.path.name if bundle.path else "", "sampler": name,
              "steps": n_steps, "seed": seed, "first_event": first_event}
+    if early:
+        attrs["early_sampler"] = f"{early[0]}:{early[1]}"
+    args, graphs = dict(sampler=name, steps=n_steps, sigmas=sigmas, bf16=bf16, knobs=knobs, early=early), {}
+
+    def run(e: torch.Tensor, events: range):
+        if not cuda_graph:
+            return sample_batch(bundle, e, seed, events, **args)
+        if len(e) not in graphs:
+            from .graphs import GraphedSampler
+            graphs[len(e)] = GraphedSampler(bundle, len(e), **args)
+        return graphs[len(e)](e, seed, events)
+
     with ShowerWriter(output, bundle.geometry.n_voxels, force=force, attrs=attrs) as writer, \
             tqdm(total=n, unit="shower", desc=f"{name} x{n_steps}", disable=not progress) as bar:
         for lo in range(0, n, batch_size):
             hi = min(lo + batch_size, n)
             idx = range(first_event + lo, first_event + hi)
             t0 = time.perf_counter()
-            showers, nfe, bad = sample_batch(bundle, torch.from_numpy(energies_mev[lo:hi]), seed, idx,
-                                             sampler=name, steps=n_steps, sigmas=sigmas, bf16=bf16, knobs=knobs)
-            showers = showers.cpu().numpy()
+            showers, nfe, bad = run(torch.from_numpy(energies_mev[lo:hi]), idx)
+            showers, bad = showers.cpu().numpy(), bad.cpu()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t_sampling += time.perf_counter() - t0
@@ -232,7 +282,7 @@ def merge_files(parts: list["str | Path"], output: "str | Path", *, force: bool 
         raise ValueError("no part files to merge")
     infos = [(file_attrs(p), inspect_file(p), Path(p)) for p in parts]
     infos.sort(key=lambda t: int(t[0].get("first_event", -1)))
-    same = ("generator", "model", "sampler", "steps", "seed", "nfe")
+    same = ("generator", "model", "sampler", "steps", "seed", "nfe", "early_sampler")
     ref_attrs, ref_info, ref_path = infos[0]
     nxt = 0
     for attrs, info, path in infos:

@@ -81,7 +81,8 @@ class IntervalDenoiser(Preconditioned):
             raise ValueError(f"interval code needs 0 < t_max < 1 (got {t_max})")
         check_max_steps(max_steps)
         self.t_max, self.max_steps = float(t_max), int(max_steps)
-        self.grid_t = None if grid is None else (grid / (1 + grid)).double()
+        device = next(net.parameters()).device          # on the network's device: no copy per call (CUDA graphs)
+        self.grid_t = None if grid is None else (grid / (1 + grid)).double().to(device)
 
     def on_grid(self, grid: torch.Tensor) -> "IntervalDenoiser":
         """The same network (shared weights) bound to the sampler grid `grid`."""

@@ -115,8 +115,10 @@ def generate_row(row: Row, d: Path, energies: np.ndarray, models: _Models, chunk
     """Chunks, joined into showers.h5 (atomic), then generation.json with counted NFE and timing."""
     from .bench import bench, hardware
     from .generate import generate_file, merge_files
+    from .generate import parse_stage_sampler
     out, n = d / "showers.h5", len(energies)
-    bundle = None
+    bundle, early = None, parse_stage_sampler(row.energy_sampler)
+    graph = row.cuda_graph and models.device.startswith("cuda")
     if not out.exists():
         bundle = models.get(row, n)
         parts = []
@@ -125,7 +127,7 @@ def generate_row(row: Row, d: Path, energies: np.ndarray, models: _Models, chunk
             if not part.exists():
                 generate_file(bundle, part, energies[lo:lo + chunk], seed=row.seed, sampler=row.sampler,
                               steps=row.steps, batch_size=row.batch_size, bf16=models.bf16(row), knobs=row.knobs or None,
-                              progress=progress, first_event=lo)
+                              progress=progress, first_event=lo, early=early, cuda_graph=graph)
             parts.append(part)
         merge_files(parts, out, compression_level=0)
         shutil.rmtree(d / "chunks")
@@ -137,10 +139,11 @@ def generate_row(row: Row, d: Path, energies: np.ndarray, models: _Models, chunk
         rec = {"label": row.label, "family": row.family or str(attrs.get("sampler", "")), "model": row.model,
                "sampler": attrs.get("sampler"), "steps": attrs.get("steps"), "nfe": json.loads(attrs["nfe"]),
                "clipped": int(attrs["clipped_showers"]), "device": hardware(torch.device(models.device)),
-               "dtype": "bf16" if models.bf16(row) else "fp32", "compiled": row.compile and models.device.startswith("cuda")}
+               "dtype": "bf16" if models.bf16(row) else "fp32", "compiled": row.compile and models.device.startswith("cuda"),
+               "cuda_graph": graph, "energy_sampler": row.energy_sampler}
         if repeats:
             t = bench(bundle, rec["sampler"], rec["steps"], batch_sizes=(min(row.batch_size, n),), repeats=repeats,
-                      bf16=models.bf16(row), knobs=row.knobs or None)[0]
+                      bf16=models.bf16(row), knobs=row.knobs or None, early=early, cuda_graph=graph)[0]
             rec.update(ms_per_shower=t["median"], ms_std=t["std"], timing_batch=t["batch"], timing_repeats=repeats)
         _write_json(rec_path, rec)
     return out

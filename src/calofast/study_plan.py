@@ -9,7 +9,9 @@ from pathlib import Path
 __all__ = ["Row", "Plan", "load_plan", "select", "FLOOR"]
 
 FLOOR = "gflash-floor"
-_ROW_KEYS = {"label", "model", "sampler", "steps", "knobs", "family", "seed", "batch_size", "dtype", "compile"}
+_ROW_KEYS = {"label", "model", "sampler", "steps", "knobs", "family", "seed", "batch_size", "dtype", "compile",
+             "energy_sampler", "cuda_graph"}
+_NEW_KEYS = ("energy_sampler", "cuda_graph")      # left out of a row's identity when unset (older study folders)
 _TOP_KEYS = {"name", "geometry", "reference", "defaults", "rows", "chunk", "timing_repeats"}
 _REF_KEYS = {"file", "gflash_seed", "energies", "n", "floor_seed"}
 
@@ -26,9 +28,11 @@ class Row:
     batch_size: int = 10_000
     dtype: str = "auto"          # bf16 on CUDA, fp32 on CPU
     compile: bool = False
+    energy_sampler: str = ""     # NAME:STEPS for a factorised model's energy stage ("": the bundle's own)
+    cuda_graph: bool = False     # generate and time from CUDA graphs (CUDA only)
 
     def spec(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("family",)}
+        return {k: v for k, v in asdict(self).items() if k != "family" and not (k in _NEW_KEYS and not v)}
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,12 @@ def load_plan(path: "str | Path") -> Plan:
             from .generate import check_knobs
             try:
                 check_knobs(merged.get("sampler") or "dpmpp-2m", merged.get("knobs"))
+            except ValueError as err:
+                raise _fail(path, f"{where}: {err}") from None
+        if merged.get("energy_sampler"):
+            from .generate import parse_stage_sampler
+            try:
+                parse_stage_sampler(merged["energy_sampler"])
             except ValueError as err:
                 raise _fail(path, f"{where}: {err}") from None
         rows.append(Row(**merged))
