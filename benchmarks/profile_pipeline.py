@@ -31,11 +31,12 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph comparison")
+    ap.add_argument("--trace", action="store_true", help="torch.profiler: kernels per batch, GPU busy time, top kernels")
     a = ap.parse_args()
     device = torch.device(a.device)
     bundle = load_bundle(a.model, device)
     if a.compile:
-        compile_network(bundle)
+        compile_network(bundle, bf16=a.bf16)
     early = parse_stage_sampler(a.energy_sampler)
     plan = bound_plan(bundle, sampling_plan(bundle, a.sampler, a.steps, early=early))
     lo, hi = bundle.transform.energy_range
@@ -99,6 +100,25 @@ def main() -> None:
         out, _, _ = graphed(energies, 1, range(a.batch))
         print(f"graph vs eager: max |diff| {float((out - ref).abs().max()):.3g} MeV, "
               f"total energy ratio {float(out.sum() / ref.sum()):.6f}")
+    if device.type == "cuda" and a.trace:
+        trace(lambda: sample_batch(bundle, energies, 1, range(a.batch), **args))
+
+
+def trace(fn, runs: int = 3) -> None:
+    """Kernels per run and their summed GPU time (the floor a CUDA graph can reach), top kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    count = sum(e.count for e in events) / runs
+    busy = sum(e.device_time_total for e in events) / runs / 1e3
+    print(f"trace: {count:.0f} kernels per batch, {busy:.3f} ms of GPU kernel time per batch")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:12]:
+        print(f"  {e.device_time_total / runs / 1e3:8.3f} ms {e.count / runs:7.0f}x  {e.key[:90]}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,22 @@ def test_energy_stage_sampler_override(factorised, tmp_path, capsys):
     assert len(err) == 1 and "energy sampler 'dpmpp-2m'" in err[0] and not (tmp_path / "bad.h5").exists()
 
 
+def test_set_sampler_rewrites_only_the_stage_default(factorised, tmp_path, capsys):
+    out = tmp_path / "b.safetensors"
+    assert main(["set-sampler", "--model", str(factorised[0]), "--stage", "energy", "--sampler", "dpmpp-2m:3",
+                 "-o", str(out)]) == 0
+    a, b = load_bundle(factorised[0]), load_bundle(out)
+    assert b.stages[0].sampler == {"name": "dpmpp-2m", "steps": 3} and b.stages[1].sampler == a.stages[1].sampler
+    assert b.meta["tensors_sha256"] == a.meta["tensors_sha256"] and "heun" in b.meta["edited"]
+    e = torch.tensor([2e4], dtype=torch.float64)
+    assert sample_batch(b, e, 0, range(1), sampler="euler", steps=2)[1] == {"energy": 3, "shape": 2}
+    capsys.readouterr()
+    for args, msg in ((["--stage", "energy"], "exists"), (["--stage", "nope", "--force"], "no stage 'nope'")):
+        assert main(["set-sampler", "--model", str(factorised[0]), "--sampler", "euler:2", "-o", str(out), *args]) == 2
+        assert msg in capsys.readouterr().err
+    assert load_bundle(out).stages[0].sampler == {"name": "dpmpp-2m", "steps": 3}     # not overwritten
+
+
 def test_cli_generate_reports_both_stages_and_clipping(factorised, tmp_path, capsys):
     out = tmp_path / "g.h5"
     assert main(["generate", "--model", str(factorised[0]), "--n", "7", "--steps", "4", "-o", str(out)]) == 0

@@ -98,11 +98,23 @@ def test_bench_cli_writes_a_table(tmp_path, bundle_path, capsys):
     assert "ms/shower" in capsys.readouterr().out
 
 
+def test_bf16_gemm_weights_give_exactly_the_autocast_showers(bundle_path):
+    """Linear/Conv weights stored in bf16 are what autocast feeds the GEMMs anyway: same showers, bit for bit."""
+    from calofast.generate import gemm_weights_bf16
+    a, b = load_bundle(bundle_path), gemm_weights_bf16(load_bundle(bundle_path))
+    dtypes = {p.dtype for p in b.denoiser.parameters()}
+    assert torch.bfloat16 in dtypes and all(p.dtype == torch.float32 for p in a.denoiser.parameters())
+    e = torch.tensor([1e3, 1e4, 1e5, 8e5], dtype=torch.float64)
+    x, _, _ = sample_batch(a, e, 3, range(4), sampler="ddim", steps=3, bf16=True)
+    y, _, _ = sample_batch(b, e, 3, range(4), sampler="ddim", steps=3, bf16=True)
+    assert torch.equal(x, y)
+
+
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_network_gives_the_same_showers(bundle_path):
-    """`--compile` compiles the raw network only; the showers equal the eager ones to float32 rounding
-    and the parameter names (what bundles store) are unchanged."""
+    """`--compile` compiles each denoiser (and the noise hashing, which stays bit-identical); the showers
+    equal the eager ones to float32 rounding and the parameter names (what bundles store) are unchanged."""
     eager, compiled = load_bundle(bundle_path), compile_network(load_bundle(bundle_path))
     assert is_compiled(compiled) and not is_compiled(eager)
     assert list(compiled.denoiser.state_dict()) == list(eager.denoiser.state_dict())
@@ -111,6 +123,10 @@ def test_compiled_network_gives_the_same_showers(bundle_path):
     b, nfe, _ = sample_batch(compiled, e, 3, range(4), sampler="ddim", steps=4)
     assert nfe == {"shower": 4}
     torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3 * float(a.abs().max()))
+    from calofast.rng import EventRNG
+    plain, fused = EventRNG(7, range(5, 9)), EventRNG(7, range(5, 9), fused=True)
+    for shape in [(3,), (2, 5)]:
+        assert torch.equal(plain.randn(shape), fused.randn(shape))
 
 
 def test_shards_merged_equal_one_run_bit_for_bit(tmp_path, bundle_path, capsys):

@@ -204,6 +204,37 @@ def save_bundle(path: "str | Path", stages: list[Stage], transform: ShowerTransf
     return path
 
 
+def set_stage_sampler(path: "str | Path", output: "str | Path", stage: str, sampler: str, steps: int,
+                      force: bool = False) -> Path:
+    """A copy of a bundle whose stage `stage` defaults to (sampler, steps): the weights and every other field
+    unchanged byte for byte, the metadata checksum renewed, the change recorded in `edited`. A distilled
+    stage (its own grid) cannot be changed: its sampler is part of what it learnt."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+    src = load_bundle(path).path                      # checks the bundle and resolves a shipped name
+    output = Path(output)
+    if output.exists() and not force:
+        raise ValueError(f"{output}: exists (use --force to overwrite)")
+    with safe_open(str(src), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    specs = json.loads(meta["stages"])
+    names = [s["name"] for s in specs]
+    if stage not in names:
+        raise ValueError(f"{src}: no stage {stage!r} (stages: {', '.join(names)})")
+    spec = specs[names.index(stage)]
+    if spec.get("sampler") and ({"sigmas", "grid"} & set(spec["sampler"])):
+        raise ValueError(f"{src}: the {stage} stage is distilled for {spec['sampler']['name']} with "
+                         f"{spec['sampler']['steps']} steps; its sampler cannot be changed")
+    old = spec.get("sampler")
+    spec["sampler"] = {"name": sampler, "steps": int(steps)}
+    meta["stages"] = json.dumps(specs)
+    meta["edited"] = (meta.get("edited", "") + f"; {stage} sampler {old} -> {spec['sampler']}").lstrip("; ")
+    meta.pop("meta_sha256", None)
+    meta["meta_sha256"] = _meta_sha256(meta)
+    atomic_write_bytes(output, save(tensors, metadata=meta))
+    return output
+
+
 SHIPPED = Path(__file__).parent / "models"
 
 

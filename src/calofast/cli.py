@@ -178,7 +178,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         events = shard_range(len(energies), *shard)
         energies, first = energies[events.start:events.stop], events.start
     if a.compile:
-        compile_network(bundle)
+        compile_network(bundle, bf16=a.dtype == "bf16")
     knobs = {"eta": a.eta} if a.eta is not None else {}
     stats = generate_file(bundle, output, energies, seed=a.seed, sampler=a.sampler, steps=a.steps,
                           batch_size=a.batch_size, bf16=a.dtype == "bf16", force=a.force, knobs=knobs, first_event=first,
@@ -231,7 +231,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     bundle = load_bundle(a.model, device=_device(a.device))
     if a.compile:
         from .generate import compile_network
-        compile_network(bundle)
+        compile_network(bundle, bf16=a.dtype == "bf16")
     from .generate import parse_stage_sampler
     rows = bench(bundle, a.sampler, a.steps, [int(b) for b in sizes], a.repeats, bf16=a.dtype == "bf16", progress=True,
                  early=parse_stage_sampler(a.energy_sampler), cuda_graph=_graph_ok(a.cuda_graph, a.device))
@@ -241,6 +241,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
               f"{r['showers_per_s']:11.1f}  {r['device']} {r['dtype']}")
     if a.output:
         print(f"table: {write_table(rows, a.output)}")
+    return 0
+
+
+def cmd_set_sampler(a: argparse.Namespace) -> int:
+    from .checkpoint import set_stage_sampler
+    from .generate import parse_stage_sampler
+    name, steps = parse_stage_sampler(a.sampler)
+    out = set_stage_sampler(a.model, a.output, a.stage, name, steps, force=a.force)
+    print(f"wrote {out}: stage {a.stage} defaults to {name} with {steps} steps")
     return 0
 
 
@@ -310,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_parser import build_parser as parser
     return parser({"gflash": cmd_gflash, "info": cmd_info, "train": cmd_train, "generate": cmd_generate,
                    "distill": cmd_distill, "evaluate": cmd_evaluate, "bench": cmd_bench,
-                   "export": cmd_export, "merge": cmd_merge, "study": cmd_study, "demo": cmd_demo})
+                   "export": cmd_export, "merge": cmd_merge, "study": cmd_study, "demo": cmd_demo,
+                   "set-sampler": cmd_set_sampler})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,6 +162,16 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     st.add_argument("--shard", help="K/N: run rows K, K+N, ... only (one process per GPU; no table)")
     st.set_defaults(func=handlers["study"])
 
+    ss = sub.add_parser("set-sampler", help="copy a bundle with another default sampler for one stage",
+                        description="Write a copy of a bundle whose stage STAGE runs with NAME:STEPS by default "
+                        "(e.g. a factorised student's energy stage with dpmpp-2m:16); the weights are unchanged.")
+    ss.add_argument("--model", required=True)
+    ss.add_argument("--stage", required=True, help="stage name, e.g. energy")
+    ss.add_argument("--sampler", required=True, metavar="NAME:STEPS", help="e.g. dpmpp-2m:16")
+    ss.add_argument("--force", action="store_true", help="overwrite the output")
+    ss.add_argument("-o", "--output", required=True)
+    ss.set_defaults(func=handlers["set-sampler"])
+
     d = sub.add_parser("demo", help="the main job: GFlash truth, shipped model, evaluation report",
                        description="Simulate fresh GFlash DS2 truth, generate the same events with a shipped model "
                        "through a few-step sampler, evaluate them with the CaloChallenge protocol and print the "

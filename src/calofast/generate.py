@@ -32,7 +32,7 @@ from .transforms import MAX_RESPONSE
 log = logging.getLogger("calofast")
 
 __all__ = ["make_sigmas", "sample_batch", "generate_file", "GenerateStats", "resolve_sampler", "sampling_plan",
-           "bound_plan", "run_stages", "parse_stage_sampler", "compile_network", "is_compiled", "nfe_text",
+           "bound_plan", "run_stages", "parse_stage_sampler", "compile_network", "gemm_weights_bf16", "is_compiled", "nfe_text",
            "shard_range", "merge_files"]
 
 
@@ -119,18 +119,40 @@ def nfe_text(nfe: dict[str, int]) -> str:
     return f"NFE {main[1]}" + "".join(f" (+{n} {name})" for name, n in early)
 
 
-def compile_network(bundle: Bundle) -> Bundle:
-    """Compile the raw network of every stage in place with torch.compile (inductor, static shapes).
-
-    The preconditioning and the samplers stay eager; parameter names (state_dict) are unchanged. The
-    first call at each new batch size compiles (tens of seconds); later calls reuse the kernels."""
+def gemm_weights_bf16(bundle: Bundle) -> Bundle:
+    """Store the weights and biases of every Linear and Conv layer in bf16, in place: exactly the values
+    autocast feeds those GEMMs (the same showers under `bf16=True`), without a cast kernel per weight and
+    call, which a compiled graph would otherwise run at every step. Other parameters (positions, norms)
+    stay float32. Only for bf16 sampling from then on."""
     for stage in bundle.stages:
-        stage.denoiser.net.compile(dynamic=False)
+        for m in stage.denoiser.net.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+                for p in (m.weight, m.bias):
+                    if p is not None:
+                        p.data = p.data.to(torch.bfloat16)
     return bundle
 
 
+def compile_network(bundle: Bundle, bf16: bool = False) -> Bundle:
+    """Compile the denoiser of every stage (preconditioning and network) in place with torch.compile
+    (inductor, static shapes); the noise hashing of `EventRNG` is compiled with it (`sample_batch`). With
+    `bf16` (the bundle will sample in bf16 only) the GEMM weights are stored in bf16 first (`gemm_weights_bf16`).
+
+    The samplers stay eager; parameter names (state_dict) are unchanged. The first call at each new batch
+    size compiles (tens of seconds); later calls reuse the kernels."""
+    if bf16:
+        gemm_weights_bf16(bundle)
+    for stage in bundle.stages:
+        stage.denoiser.compile(dynamic=False)
+    return bundle
+
+
+def _compiled(module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
 def is_compiled(bundle: Bundle) -> bool:
-    return getattr(bundle.denoiser.net, "_compiled_call_impl", None) is not None
+    return _compiled(bundle.denoiser)
 
 
 def sample_batch(bundle: Bundle, energies: torch.Tensor, seed: int, events, *, sampler: str | None = None,
@@ -145,12 +167,20 @@ def sample_batch(bundle: Bundle, energies: torch.Tensor, seed: int, events, *, s
     device = next(bundle.denoiser.parameters()).device
     energies = torch.as_tensor(energies, dtype=torch.float64, device=device).reshape(-1)
     plan = bound_plan(bundle, sampling_plan(bundle, sampler, steps, sigmas, early))
-    return run_stages(bundle, plan, energies, EventRNG(seed, events, device), bf16=bf16, knobs=knobs)
+    rng = EventRNG(seed, events, device, fused=is_compiled(bundle))
+    return run_stages(bundle, plan, energies, rng, bf16=bf16, knobs=knobs)
 
 
 def bound_plan(bundle: Bundle, plan: list[tuple[str, int, torch.Tensor]]) -> list[tuple[str, torch.Tensor, object]]:
-    """(sampler, grid, the denoiser that sampler calls on that grid) for every stage."""
-    return [(name, grid, bind(stage.denoiser, name, grid)) for stage, (name, _, grid) in zip(bundle.stages, plan)]
+    """(sampler, grid, the denoiser that sampler calls on that grid) for every stage; a denoiser bound to a
+    grid (a shortcut model's, one object per grid) is compiled when its stage is."""
+    out = []
+    for stage, (name, _, grid) in zip(bundle.stages, plan):
+        bound = bind(stage.denoiser, name, grid)
+        if bound is not stage.denoiser and _compiled(stage.denoiser) and not _compiled(bound):
+            bound.compile(dynamic=False)
+        out.append((name, grid, bound))
+    return out
 
 
 def run_stages(bundle: Bundle, plan: list[tuple[str, torch.Tensor, object]], energies: torch.Tensor, rng: EventRNG,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import Bundle
-from .generate import bound_plan, run_stages, sampling_plan
+from .generate import bound_plan, is_compiled, run_stages, sampling_plan
 from .rng import NOISE, EventRNG, event_keys
 
 __all__ = ["GraphedSampler"]
@@ -38,7 +38,7 @@ class GraphedSampler:
         self.batch, self.device = batch, device
         lo, hi = bundle.transform.energy_range
         self.energies = torch.full((batch,), (lo * hi) ** 0.5, dtype=torch.float64, device=device)
-        self.rng = EventRNG(0, range(batch), device)
+        self.rng = EventRNG(0, range(batch), device, fused=is_compiled(bundle))
         plan = bound_plan(bundle, sampling_plan(bundle, sampler, steps, sigmas, early))
 
         def run():

@@ -85,9 +85,14 @@ class IntervalDenoiser(Preconditioned):
         self.grid_t = None if grid is None else (grid / (1 + grid)).double().to(device)
 
     def on_grid(self, grid: torch.Tensor) -> "IntervalDenoiser":
-        """The same network (shared weights) bound to the sampler grid `grid`."""
+        """The same network (shared weights) bound to the sampler grid `grid`; one object per grid, so a
+        compiled one is compiled once (`generate.bound_plan`)."""
         grid = torch.as_tensor(grid, dtype=torch.float64)
-        return IntervalDenoiser(self.net, self.param, self.t_max, self.max_steps, grid)
+        bound = self.__dict__.setdefault("_bound", {})      # a plain dict: not a submodule, not in the state_dict
+        key = tuple(grid.tolist())
+        if key not in bound:
+            bound[key] = IntervalDenoiser(self.net, self.param, self.t_max, self.max_steps, grid)
+        return bound[key]
 
     def jump(self, sigma: torch.Tensor) -> torch.Tensor:
         """h [B] for per-event sigma [B]: to the next grid point at a grid point, else to t = 0."""

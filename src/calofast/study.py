@@ -82,7 +82,7 @@ def _check_folder(plan: Plan, out: Path) -> None:
 
 
 class _Models:
-    """Bundles loaded once per (model, compile), compiled and warmed up at the row's batch size."""
+    """Bundles loaded once per (model, compile, bf16), compiled and warmed up at the row's batch size."""
 
     def __init__(self, device: str):
         self.device, self.cache = device, {}
@@ -91,11 +91,11 @@ class _Models:
         import torch
         from .checkpoint import load_bundle
         from .generate import compile_network, sample_batch
-        key = (row.model, row.compile and self.device.startswith("cuda"))
+        key = (row.model, row.compile and self.device.startswith("cuda"), self.bf16(row))
         if key not in self.cache:
             bundle = load_bundle(row.model, self.device)
             if key[1]:
-                compile_network(bundle)
+                compile_network(bundle, bf16=key[2])
             self.cache[key] = (bundle, set())
         bundle, warmed = self.cache[key]
         b = min(row.batch_size, n)
