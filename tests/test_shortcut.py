@@ -126,3 +126,43 @@ def test_shortcut_bundle_generates_with_any_steps_and_exports(teacher, tmp_path,
         None, {"conditions": e.float()[:, None].numpy(), "noise": noise.numpy()})[0]
     assert nfe == {"energy": 2, "shape": 1}
     assert np.linalg.norm(got - ref.numpy()) <= 1e-4 * np.linalg.norm(ref.numpy()) + 1e-6
+
+
+def test_teacher_targets_are_the_exact_ode_jumps_on_the_gaussian_oracle():
+    """TeacherTargets on the analytic Gaussian: the level points sit at t_max k / 4, every jump t_max / 2^j
+    (j < 3) between them is a pair, and the targets (x_a - x_b) / h converge to the exact ODE's at Heun's
+    second order (error / 4 per doubling of the steps)."""
+    from calofast.distill.shortcut import TeacherTargets
+    from oracle import GaussianDenoiser
+    oracle, t_max = GaussianDenoiser(mu=0.3, s=0.7, sigma_max=80.0), 80.0 / 81.0
+    g = torch.Generator().manual_seed(0)
+    x0 = 0.3 + 0.7 * torch.randn(200, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    errors = []
+    for steps in (48, 96):
+        tt = TeacherTargets(oracle, t_max=t_max, fraction=0.5, levels=3, steps=steps, sigma_min=oracle.sigma_min)
+        grid, marks = tt.grid()
+        assert all(a > b for a, b in zip(grid, grid[1:])) and grid[-1] == 0 and len(marks) == 5
+        assert np.allclose([grid[m] / (1 + grid[m]) for m in marks], [t_max * k / 4 for k in (4, 3, 2, 1, 0)])
+        x_a, t_a, h, target, cond = tt.pairs(x0, torch.zeros(200, 1), noise)
+        assert x_a.shape == (7 * 200, 3) and cond.shape == (7 * 200, 1)
+        assert sorted({round(float(v), 6) for v in h}) == [round(t_max / 4, 6), round(t_max / 2, 6), round(t_max, 6)]
+        x_start = x0 + float(grid[0]) * noise                          # sigma-space start of every trajectory
+        s_a, s_b = (t.double() / (1 - t.double()) for t in (t_a, t_a - h))
+        ends = [torch.stack([oracle.ode(x_start[i % 200], float(grid[0]), float(s)) for i, s in enumerate(sv)])
+                / (1 + sv[:, None]) for sv in (s_a, s_b)]                # exact t-space states
+        errors.append(float((target.double() - (ends[0] - ends[1]) / h.double()[:, None]).abs().max()))
+    assert 3.0 < errors[0] / errors[1] < 5.5 and errors[1] < 2e-3 * 3, errors
+
+
+def test_shortcut_with_teacher_targets_trains_and_samples(teacher, tmp_path):
+    path, tmp = teacher
+    cfg = apply_overrides(load_bundle(path).config, [
+        "distill.sc_showers=640", "distill.sc_max_steps=8", "train.batch_size=64", "train.checkpoint_showers=640",
+        "distill.sc_teacher_fraction=0.25", "distill.sc_teacher_levels=2", "distill.sc_teacher_steps=4"])
+    student = load_bundle(distill_shortcut(path, tiny_data(tmp), tmp_path / "sct", cfg))
+    showers, nfe, clipped = sample_batch(student, torch.tensor([2e3, 5e4], dtype=torch.float64), 0, range(2))
+    assert nfe["shape"] == 2 and torch.isfinite(showers).all() and not clipped.any()
+    import json
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "sct" / "stats.jsonl")]
+    assert losses and all(np.isfinite(losses))

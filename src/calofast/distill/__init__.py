@@ -24,7 +24,7 @@ from ..schedules import SIGMA_MAX_CAP, karras_consistency
 from ..train import fit, load_training_data, setup_distributed
 from .consistency import consistency_loss, consistency_points, update_target
 from .progressive import progressive_loss, student_grid
-from .shortcut import shortcut_loss
+from .shortcut import TeacherTargets, shortcut_loss
 
 __all__ = ["distill_progressive", "distill_consistency", "distill_shortcut", "distill_sigma_range"]
 
@@ -186,8 +186,11 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
                         weights_dtype=cfg.train.bundle_dtype)
 
         sample_sigma = teacher.param.sample_sigma
-        loss = lambda model, x, c, g, t_max=t_max, sample_sigma=sample_sigma: shortcut_loss(
-            model, x, c, t_max, dc.sc_max_steps, dc.sc_fraction, sample_sigma, g)
+        targets = TeacherTargets.of(teacher, cfg.train.compile, t_max=t_max, fraction=dc.sc_teacher_fraction,
+                                    levels=dc.sc_teacher_levels, steps=dc.sc_teacher_steps) \
+            if k == main_k and dc.sc_teacher_fraction > 0 else None
+        loss = lambda model, x, c, g, t_max=t_max, sample_sigma=sample_sigma, targets=targets: shortcut_loss(
+            model, x, c, t_max, dc.sc_max_steps, dc.sc_fraction, sample_sigma, g, targets)
         base = cfg.train if k == main_k else cfg.stage("energy")[2]
         showers = dc.sc_showers if k == main_k else base.showers
         sc_cfg = replace(base, showers=showers, warmup_showers=min(base.warmup_showers, showers // 10), lr=dc.lr)

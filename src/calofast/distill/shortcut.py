@@ -10,20 +10,100 @@ uniform in 0..K (2^K = max_steps), from a point t = t_max i / 2^j of that jump's
 
 with the smallest jump's halves (j = K) taken at h = 0, the instantaneous velocity. Both parts are the
 plain squared error in the network's output (velocity) space, one mean over all entries.
+
+The bootstrap's errors compound over the K levels up to the jumps a 1- or 2-step student takes. With
+`TeacherTargets` a further share of events starts a trajectory of the frozen teacher's ODE at t_max (Heun on a
+Karras grid holding the points t_max k / 2^(J-1)), and the J top levels also learn from it directly: each
+jump t_max / 2^j (j < J) between two of those points has the target (x_a - x_b) / h, 2^J - 1 pairs per
+trajectory (a teacher-ODE distillation of the top levels, in the same loss and batch).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..interval import check_max_steps, velocity
+from ..interval import IntervalDenoiser, check_max_steps, velocity
+from ..samplers import heun_step
+from ..schedules import karras
 
-__all__ = ["shortcut_loss"]
+__all__ = ["shortcut_loss", "TeacherTargets"]
+
+
+class _Instant:
+    """A shortcut teacher's instantaneous velocity (h = 0) behind the plain denoiser call."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x, sigma, cond):
+        return self.model(x, sigma, cond, interval=torch.zeros_like(sigma))
+
+
+@dataclass
+class TeacherTargets:
+    """Top-level targets from the teacher's ODE (module notes): `denoiser` the frozen teacher's D(x, sigma, cond)
+    (`of` makes it from a teacher stage), `fraction` of the events start a trajectory, `levels` = J, `steps`
+    Heun steps on the Karras grid from sigma_max(t_max) to sigma_min."""
+
+    denoiser: object
+    t_max: float
+    fraction: float
+    levels: int = 3
+    steps: int = 32
+    sigma_min: float = 0.002
+
+    @classmethod
+    def of(cls, teacher, compile: bool, **kw) -> "TeacherTargets":
+        """From a teacher stage's denoiser (a shortcut model runs at h = 0), compiled if asked."""
+        den = torch.compile(teacher) if compile else teacher
+        return cls(_Instant(den) if isinstance(teacher, IntervalDenoiser) else den, sigma_min=teacher.sigma_min, **kw)
+
+    def grid(self) -> tuple[list[float], list[int]]:
+        """(sigma grid, index of each level point t_max k / S, k = S .. 0, S = 2^(J-1)) of one trajectory."""
+        n_seg = 2 ** (self.levels - 1)
+        marks = [self.t_max * k / n_seg for k in range(n_seg, 0, -1)]
+        mark_s = [t / (1 - t) for t in marks] + [0.0]
+        fill = [v for v in karras(self.steps, self.sigma_min, mark_s[0]).tolist()
+                if all(abs(v - m) > 1e-9 * max(m, 1e-12) for m in mark_s)]
+        grid = sorted(set(fill) | set(mark_s), reverse=True)
+        return grid, [grid.index(m) for m in mark_s]
+
+    @torch.no_grad()
+    def pairs(self, x0: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor):
+        """(x_a, t_a, h, target velocity, cond) for every jump of every trajectory started from (x0, noise)."""
+        grid, marks = self.grid()
+        x = x0 + grid[0] * noise                                          # sigma-space: x_t (1 + sigma)
+        states = {0: x}
+        for i in range(len(grid) - 1):
+            x, _ = heun_step(self.denoiser, x, grid[i], grid[i + 1], cond)
+            if i + 1 in marks:
+                states[i + 1] = x
+        pts = [states[m].float() / (1 + grid[m]) for m in marks]         # t-space states at the level points
+        n_seg, out = len(marks) - 1, ([], [], [], [], [])
+        for j in range(self.levels):
+            stride = n_seg >> j
+            h = self.t_max * stride / n_seg
+            for a in range(0, n_seg, stride):
+                for lst, v in zip(out, (pts[a], torch.full((x0.shape[0],), self.t_max * (n_seg - a) / n_seg,
+                                                           device=x0.device), torch.full((x0.shape[0],), h, device=x0.device),
+                                        (pts[a] - pts[a + stride]) / h, cond)):
+                    lst.append(v)
+        return tuple(torch.cat(v) for v in out)
 
 
 def shortcut_loss(model, x0: torch.Tensor, cond: torch.Tensor, t_max: float, max_steps: int, fraction: float,
-                  sample_sigma, generator: torch.Generator | None = None) -> torch.Tensor:
+                  sample_sigma, generator: torch.Generator | None = None,
+                  teacher: TeacherTargets | None = None) -> torch.Tensor:
     """One loss evaluation; `model` is (a compiled or DDP wrapper of) an IntervalDenoiser, `sample_sigma` the
-    flow parameterisation's training distribution."""
+    flow parameterisation's training distribution; `teacher`: top-level targets from the teacher's ODE."""
+    n_tr = int(round(x0.shape[0] * teacher.fraction)) if teacher is not None else 0
+    extra = None
+    if n_tr:
+        x_tr, c_tr = x0[-n_tr:], cond[-n_tr:]
+        x0, cond = x0[:-n_tr], cond[:-n_tr]
+        extra = teacher.pairs(x_tr, c_tr, torch.randn(x_tr.shape, generator=generator, device=x_tr.device,
+                                                      dtype=x_tr.dtype))
     b, dev = x0.shape[0], x0.device
     k = check_max_steps(max_steps)
     n_sc = int(round(b * fraction))
@@ -47,4 +127,6 @@ def shortcut_loss(model, x0: torch.Tensor, cond: torch.Tensor, t_max: float, max
         s2 = velocity(model, x_mid, t_sc - half, h_in, cs)
     target = torch.cat([(noise - x0)[: b - n_sc], (s1 + s2) / 2])
     h = torch.cat([torch.zeros_like(t_fm), jump])
+    if extra is not None:
+        x_t, t, h, target, cond = (torch.cat([u, v.to(u.dtype)]) for u, v in zip((x_t, t, h, target, cond), extra))
     return ((velocity(model, x_t, t, h, cond) - target) ** 2).mean()
