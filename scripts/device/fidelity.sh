@@ -148,6 +148,7 @@ case "$PHASE" in
       timeout ${STEP_S:-120} python -m calofast bench ${benches[$k]} --device $DEV --dtype $dt --repeats ${REPEATS:-5} \
         $([ -z "${SMOKE:-}" ] && echo "--compile") -o "$X/bench-$k.csv" 2>&1 | grep -v -E "Warning|it/s|s/it" | tee -a "$X/bench.txt"
     done
+    [ -n "${TT:-}" ] && timeout ${STEP_S:-120} python benchmarks/bench_teacher_targets.py 2>&1 | grep -v Warning | tee "$X/teacher_targets.txt"
     [ -n "${ONLY:-}" ] && run_study "${PLAN:-studies/ds2-shortcut.toml}" $(( ${DEADLINE:-560} - ($(date +%s) - t0) )) "$ONLY"
     ;;
   evaluate)
