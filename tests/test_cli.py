@@ -81,6 +81,13 @@ def test_force_never_replaces_a_non_regular_file(tmp_path, capsys):
     (["generate", "--model", "ds2-shortcut", "--n", "3", "--steps", "0", "-o", "z.h5"], "--steps 0"),
     (["generate", "--model", "ds2-shortcut", "--n", "3", "--device", "bogus", "-o", "z.h5"], "--device bogus"),
     (["generate", "--model", "ds2-shortcut", "--n", "3", "--device", "cuda:99", "-o", "z.h5"], "no such CUDA"),
+    (["generate", "--model", "ds2-factorised", "--n", "3", "--steps", str(10 ** 11), "-o", "z.h5"], f"{10 ** 11} steps"),
+    (["generate", "--model", "ds2-shortcut", "--n", "3", "--energy-sampler", "heun:0", "-o", "z.h5"], "--energy-sampler"),
+    (["generate", "--model", "ds2-shortcut", "--n", "3", "--cuda-graph", "-o", "z.h5"], "--cuda-graph needs"),
+    (["set-sampler", "--model", "ds2-shortcut", "--stage", "energy", "--sampler", "bogus:3", "-o", "z.h5"], "--sampler"),
+    (["set-sampler", "--model", "ds2-shortcut", "--stage", "shape", "--sampler", "heun:3", "-o", "z.h5"], "distilled"),
+    (["distill", "shortcut", "--teacher", "ds2-factorised", "--data", "z.h5", "--set",
+      "distill.sc_teacher_fraction=1", "-o", "run"], "distill.sc_teacher_fraction=1"),
     (["bench", "--model", "ds2-shortcut", "--batch-sizes", "0", "-o", "z.h5"], "--batch-sizes 0"),
     (["bench", "--model", "ds2-shortcut", "--repeats", "0", "-o", "z.h5"], "--repeats 0"),
     (["bench", "--model", "ds2-shortcut", "--threads", "-1", "-o", "z.h5"], "--threads -1"),
@@ -103,6 +110,14 @@ def test_bad_input_gives_one_line(tmp_path, monkeypatch, capsys, args, match):
     err = capsys.readouterr().err
     assert err.startswith("calofast: error:") and match in err and err.count("\n") == 1, err
     assert not (tmp_path / "z.h5").exists()
+
+
+def test_bench_refuses_to_overwrite_its_table(tmp_path, capsys):
+    table = tmp_path / "t.csv"
+    table.write_text("keep me")
+    assert main(["bench", "--model", "ds2-shortcut", "--steps", "1", "--batch-sizes", "1", "--repeats", "1",
+                 "-o", str(table)]) == 2
+    assert "exists already" in capsys.readouterr().err and table.read_text() == "keep me"
 
 
 def test_info_prints_summary_and_plot(tmp_path, capsys):

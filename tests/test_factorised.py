@@ -66,7 +66,7 @@ def test_energy_stage_sampler_override(factorised, tmp_path, capsys):
     assert main(["generate", "--model", str(factorised[0]), "--n", "3", "--energy-sampler", "dpmpp-2m",
                  "-o", str(tmp_path / "bad.h5")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "energy sampler 'dpmpp-2m'" in err[0] and not (tmp_path / "bad.h5").exists()
+    assert len(err) == 1 and "--energy-sampler 'dpmpp-2m'" in err[0] and not (tmp_path / "bad.h5").exists()
 
 
 def test_set_sampler_rewrites_only_the_stage_default(factorised, tmp_path, capsys):

@@ -80,15 +80,22 @@ def bench(bundle: Bundle, sampler: str | None, steps: int | None, batch_sizes=(1
     return rows
 
 
-def write_table(rows: list[dict], out: "str | Path") -> Path:
-    """CSV or JSON by suffix."""
+def write_table(rows: list[dict], out: "str | Path", force: bool = False) -> Path:
+    """CSV or JSON by suffix, written atomically; an existing file only with `force` (regular files only)."""
+    import io
+
+    from .checkpoint import atomic_write_bytes
+    from .data import claim_output
     out = Path(out)
+    claim_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
-        out.write_text(json.dumps(rows, indent=1))
+        text = json.dumps(rows, indent=1)
     else:
-        with open(out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        text = buf.getvalue()
+    atomic_write_bytes(out, text.encode())
     return out

@@ -211,10 +211,10 @@ def set_stage_sampler(path: "str | Path", output: "str | Path", stage: str, samp
     stage (its own grid) cannot be changed: its sampler is part of what it learnt."""
     from safetensors import safe_open
     from safetensors.torch import save
+    from .data import claim_output
     src = load_bundle(path).path                      # checks the bundle and resolves a shipped name
     output = Path(output)
-    if output.exists() and not force:
-        raise ValueError(f"{output}: exists (use --force to overwrite)")
+    claim_output(output, force)
     with safe_open(str(src), framework="pt") as f:
         meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
     specs = json.loads(meta["stages"])

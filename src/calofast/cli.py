@@ -226,6 +226,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if not sizes or not all(b.strip().isdigit() and int(b) >= 1 for b in sizes):
         raise ValueError(f"--batch-sizes {a.batch_sizes}: expected positive integers, e.g. 1,100,10000")
     _positive(repeats=a.repeats, steps=a.steps, threads=a.threads)
+    if a.output:
+        from .data import claim_output
+        claim_output(Path(a.output), a.force)             # before the work, not after it
     if a.threads:
         torch.set_num_threads(a.threads)
     bundle = load_bundle(a.model, device=_device(a.device))
@@ -240,14 +243,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
         print(f"{r['label']:>14} {r['nfe']:5d} {r['batch']:6d} {r['ms_per_shower']:12.5f} {r['std']:9.5f} "
               f"{r['showers_per_s']:11.1f}  {r['device']} {r['dtype']}")
     if a.output:
-        print(f"table: {write_table(rows, a.output)}")
+        print(f"table: {write_table(rows, a.output, force=a.force)}")
     return 0
 
 
 def cmd_set_sampler(a: argparse.Namespace) -> int:
     from .checkpoint import set_stage_sampler
     from .generate import parse_stage_sampler
-    name, steps = parse_stage_sampler(a.sampler)
+    name, steps = parse_stage_sampler(a.sampler, "--sampler")
     out = set_stage_sampler(a.model, a.output, a.stage, name, steps, force=a.force)
     print(f"wrote {out}: stage {a.stage} defaults to {name} with {steps} steps")
     return 0

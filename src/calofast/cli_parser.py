@@ -119,6 +119,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     be.add_argument("--energy-sampler", metavar="NAME:STEPS", help="sampler of a factorised model's energy stage")
     be.add_argument("--cuda-graph", action="store_true", help="time the pipeline replayed from a CUDA graph (GPU)")
     be.add_argument("-o", "--output", help="write the table (.csv or .json)")
+    be.add_argument("--force", action="store_true", help="overwrite the table")
     be.set_defaults(func=handlers["bench"])
 
     ex = sub.add_parser("export", help="export a bundle + few-step sampler to ONNX (Geant4 Par04) or TorchScript",

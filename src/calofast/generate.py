@@ -36,6 +36,15 @@ __all__ = ["make_sigmas", "sample_batch", "generate_file", "GenerateStats", "res
            "shard_range", "merge_files"]
 
 
+MAX_STEPS = 10_000      # sampler steps beyond this are a typo, not a plan (a 4000-step table is the largest trained)
+
+
+def _check_steps(steps: int, where: str = "steps") -> int:
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"{where}: {steps} steps; expected 1 to {MAX_STEPS}")
+    return steps
+
+
 def _table(param):
     """The discrete VP table of a DDPM-style model, None for continuous-sigma models (EDM, flow)."""
     base = param.base if isinstance(param, Boundary) else param
@@ -47,8 +56,7 @@ def make_sigmas(denoiser, name: str, steps: int, *, spacing: str = "trailing", r
     """The sigma grid (float64, CPU) that sampler `name` uses with `steps` steps on this denoiser."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
-    if steps < 1:
-        raise ValueError("steps must be at least 1")
+    _check_steps(steps)
     table = _table(denoiser.param)
     if SAMPLERS[name].grid == "table" and table is not None:
         if steps > len(table):
@@ -77,8 +85,8 @@ def _resolve(stage: Stage, name: str | None, steps: int | None, where: str) -> t
     elif spec and "sigmas" in spec:
         log.warning("%s: distilled for %s with %s step%s; --sampler %s runs it as an ordinary denoiser "
                     "(expect poor showers)", where, spec["name"], spec["steps"], "" if int(spec["steps"]) == 1 else "s", name)
-    if steps is not None and steps < 1:
-        raise ValueError(f"{where}: steps must be at least 1 (got {steps})")
+    if steps is not None:
+        _check_steps(steps, where)
     steps = steps or 20
     if jumps:
         return name, steps, uniform_grid(steps, float(spec["sigma_max"]))
@@ -91,14 +99,15 @@ def resolve_sampler(bundle: Bundle, name: str | None, steps: int | None) -> tupl
     return _resolve(bundle.stages[-1], name, steps, str(bundle.path))
 
 
-def parse_stage_sampler(text: str | None) -> tuple[str, int] | None:
-    """'dpmpp-2m:16' -> ('dpmpp-2m', 16): the sampler of the stages before the main one (None: their own)."""
+def parse_stage_sampler(text: str | None, what: str = "--energy-sampler") -> tuple[str, int] | None:
+    """'dpmpp-2m:16' -> ('dpmpp-2m', 16): the sampler of the stages before the main one (None: their own);
+    `what` names the option in the error."""
     if not text:
         return None
     name, _, steps = text.partition(":")
-    if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
-        raise ValueError(f"energy sampler {text!r}: expected NAME:STEPS with NAME one of {', '.join(SAMPLERS)}, "
-                         "e.g. dpmpp-2m:16")
+    if name not in SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= MAX_STEPS:
+        raise ValueError(f"{what} {text!r}: expected NAME:STEPS with NAME one of {', '.join(SAMPLERS)} "
+                         f"and 1 <= STEPS <= {MAX_STEPS}, e.g. dpmpp-2m:16")
     return name, int(steps)
 
 

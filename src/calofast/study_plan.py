@@ -103,7 +103,7 @@ def load_plan(path: "str | Path") -> Plan:
         if merged.get("energy_sampler"):
             from .generate import parse_stage_sampler
             try:
-                parse_stage_sampler(merged["energy_sampler"])
+                parse_stage_sampler(merged["energy_sampler"], "energy_sampler")
             except ValueError as err:
                 raise _fail(path, f"{where}: {err}") from None
         rows.append(Row(**merged))
