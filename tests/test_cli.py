@@ -87,7 +87,7 @@ def test_force_never_replaces_a_non_regular_file(tmp_path, capsys):
     (["set-sampler", "--model", "ds2-shortcut", "--stage", "energy", "--sampler", "bogus:3", "-o", "z.h5"], "--sampler"),
     (["set-sampler", "--model", "ds2-shortcut", "--stage", "shape", "--sampler", "heun:3", "-o", "z.h5"], "distilled"),
     (["distill", "shortcut", "--teacher", "ds2-factorised", "--data", "z.h5", "--set",
-      "distill.sc_teacher_fraction=1", "-o", "run"], "distill.sc_teacher_fraction=1"),
+      "distill.sc_teacher_fraction=2", "-o", "run"], "distill.sc_teacher_fraction=2"),
     (["bench", "--model", "ds2-shortcut", "--batch-sizes", "0", "-o", "z.h5"], "--batch-sizes 0"),
     (["bench", "--model", "ds2-shortcut", "--repeats", "0", "-o", "z.h5"], "--repeats 0"),
     (["bench", "--model", "ds2-shortcut", "--threads", "-1", "-o", "z.h5"], "--threads -1"),

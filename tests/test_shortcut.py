@@ -155,12 +155,29 @@ def test_teacher_targets_are_the_exact_ode_jumps_on_the_gaussian_oracle():
     assert 3.0 < errors[0] / errors[1] < 5.5 and errors[1] < 2e-3 * 3, errors
 
 
+def test_teacher_target_buffer_serves_each_pair_once_then_refills():
+    from calofast.distill.shortcut import TeacherTargets
+    from oracle import GaussianDenoiser
+    oracle = GaussianDenoiser()
+    tt = TeacherTargets(oracle, t_max=0.98, fraction=0.5, levels=2, steps=4, sigma_min=oracle.sigma_min)
+    g = torch.Generator().manual_seed(1)
+    x0, cond = torch.randn(8, 3, generator=g), torch.zeros(8, 1)
+    drawn = [tt.draw(x0, cond, g) for _ in range(6)]                    # 4 pairs per step from 3 x 8 = 24
+    assert all(d[0].shape == (4, 3) for d in drawn)
+    first = torch.cat([d[3] for d in drawn])                          # one buffer: 24 distinct targets
+    assert len({tuple(r.tolist()) for r in first}) == 24
+    refill = tt.draw(x0, cond, g)[3]                                  # a new buffer, new noise
+    assert not any(torch.equal(r, q) for r in refill for q in first)
+    assert TeacherTargets(oracle, t_max=0.98, fraction=0.0).draw(x0, cond, g) is None
+
+
 def test_shortcut_with_teacher_targets_trains_and_samples(teacher, tmp_path):
     path, tmp = teacher
     cfg = apply_overrides(load_bundle(path).config, [
         "distill.sc_showers=640", "distill.sc_max_steps=8", "train.batch_size=64", "train.checkpoint_showers=640",
         "distill.sc_teacher_fraction=0.25", "distill.sc_teacher_levels=2", "distill.sc_teacher_steps=4"])
     student = load_bundle(distill_shortcut(path, tiny_data(tmp), tmp_path / "sct", cfg))
+    # 64-event batches: 16 pairs per step from a buffer of 3 x 64 pairs (one batch's trajectories)
     showers, nfe, clipped = sample_batch(student, torch.tensor([2e3, 5e4], dtype=torch.float64), 0, range(2))
     assert nfe["shape"] == 2 and torch.isfinite(showers).all() and not clipped.any()
     import json

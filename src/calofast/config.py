@@ -96,7 +96,7 @@ class DistillConfig:
     sc_fraction: float = 0.25            # shortcut: share of each batch on the self-consistency loss
     sc_steps: int = 2                    # shortcut: the steps the student bundle runs by default (any later)
     sc_energy_steps: int = 0             # shortcut: > 0 also trains a factorised energy stage, run with these steps
-    sc_teacher_fraction: float = 0.0     # shortcut: share of each batch's events that start a teacher ODE trajectory
+    sc_teacher_fraction: float = 0.0     # shortcut: teacher-ODE pairs appended to each batch, as a share of it
     sc_teacher_levels: int = 3           # shortcut: jumps t_max / 2^j, j < this, also learnt from those trajectories
     sc_teacher_steps: int = 32           # shortcut: Heun steps of a teacher trajectory (Karras grid + level points)
 
@@ -251,7 +251,7 @@ _DISTILL_RULES = [
     ("sc_showers", lambda v: v >= 1, "at least 1"), ("sc_steps", lambda v: v >= 1, "at least 1"),
     ("sc_energy_steps", lambda v: v >= 0, ">= 0"), ("sc_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
     ("sc_max_steps", lambda v: v >= 1 and not v & (v - 1), "a power of two"),
-    ("sc_teacher_fraction", lambda v: 0 <= v < 1, "in [0, 1)"), ("sc_teacher_levels", lambda v: 1 <= v <= 6, "in 1..6"),
+    ("sc_teacher_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"), ("sc_teacher_levels", lambda v: 1 <= v <= 6, "in 1..6"),
     ("sc_teacher_steps", lambda v: v >= 2, "at least 2"),
     ("lr", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
 ]
