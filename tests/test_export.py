@@ -57,6 +57,16 @@ def test_reproducible_flavour_matches_pytorch(student, exported):
         assert _rel(out, ref.numpy()) < 1e-4
 
 
+def test_export_prints_no_tracing_noise(student, tmp_path):
+    """The TracerWarnings (constant grid, unrolled loops: intended) and the constant-folding note are silenced."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(student, tmp_path / "q.onnx", steps=1)
+    noise = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning) or "Constant folding" in str(w.message)]
+    assert (tmp_path / "q.onnx").exists() and not noise, [str(w.message)[:80] for w in noise]
+
+
 def test_metadata_opset_and_sidecar(exported):
     model = onnx.load(str(exported))
     assert model.ir_version == 8 and model.opset_import[0].version == 17

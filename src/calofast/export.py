@@ -17,8 +17,10 @@ ONNX: opset 17, IR version 8, float32, dynamic batch axis; metadata inside the f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
 from io import BytesIO
 from pathlib import Path
 from typing import Literal
@@ -36,6 +38,18 @@ from .samplers import SAMPLERS
 __all__ = ["UnrolledSampler", "Par04Model", "export_onnx", "export_torchscript", "DETERMINISTIC"]
 
 DETERMINISTIC = ("euler", "ddim", "heun", "dpmpp-2m", "consistency")
+
+
+@contextlib.contextmanager
+def _quiet_trace():
+    """Silence exactly the warnings that tracing this graph raises by design: TracerWarnings (the sampler grid,
+    loop lengths and event shapes become constants: the export unrolls a fixed sampler on purpose, and
+    tests/test_export.py checks the graph's showers against PyTorch's) and the exporter's note that a strided
+    Slice is not constant-folded (an optimisation it skips, not an error)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
+        yield
 Flavour = Literal["par04", "reproducible"]
 
 
@@ -151,7 +165,7 @@ def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = N
     else:
         raise ValueError(f"unknown flavour {flavour!r} (par04, reproducible)")
     buf = BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_trace():
         torch.onnx.export(module, args, buf, input_names=names, output_names=outs, dynamic_axes=axes,
                           opset_version=17, dynamo=False, do_constant_folding=True)
     model = onnx.load_from_string(buf.getvalue())
@@ -174,7 +188,7 @@ def export_torchscript(bundle: Bundle, output: "str | Path", *, sampler: str | N
     output = Path(output)
     _claim([output], force)
     core = UnrolledSampler(bundle.to("cpu"), sampling_plan(bundle, sampler, steps)).eval()
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_trace():
         traced = torch.jit.trace(core, (torch.full((2, 1), 1e4), torch.zeros(2, core.noise_size)))
     buf = BytesIO()
     torch.jit.save(traced, buf)

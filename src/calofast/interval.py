@@ -83,16 +83,16 @@ class IntervalDenoiser(Preconditioned):
         self.t_max, self.max_steps = float(t_max), int(max_steps)
         device = next(net.parameters()).device          # on the network's device: no copy per call (CUDA graphs)
         self.grid_t = None if grid is None else (grid / (1 + grid)).double().to(device)
+        self._bound: dict = {}                           # on_grid's denoisers (a plain dict: not in the state_dict)
 
     def on_grid(self, grid: torch.Tensor) -> "IntervalDenoiser":
         """The same network (shared weights) bound to the sampler grid `grid`; one object per grid, so a
         compiled one is compiled once (`generate.bound_plan`)."""
         grid = torch.as_tensor(grid, dtype=torch.float64)
-        bound = self.__dict__.setdefault("_bound", {})      # a plain dict: not a submodule, not in the state_dict
         key = tuple(grid.tolist())
-        if key not in bound:
-            bound[key] = IntervalDenoiser(self.net, self.param, self.t_max, self.max_steps, grid)
-        return bound[key]
+        if key not in self._bound:
+            self._bound[key] = IntervalDenoiser(self.net, self.param, self.t_max, self.max_steps, grid)
+        return self._bound[key]
 
     def jump(self, sigma: torch.Tensor) -> torch.Tensor:
         """h [B] for per-event sigma [B]: to the next grid point at a grid point, else to t = 0."""

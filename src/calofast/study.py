@@ -114,8 +114,7 @@ def generate_row(row: Row, d: Path, energies: np.ndarray, models: _Models, chunk
                  progress: bool) -> Path:
     """Chunks, joined into showers.h5 (atomic), then generation.json with counted NFE and timing."""
     from .bench import bench, hardware
-    from .generate import generate_file, merge_files
-    from .generate import parse_stage_sampler
+    from .generate import generate_file, merge_files, parse_stage_sampler
     out, n = d / "showers.h5", len(energies)
     bundle, early = None, parse_stage_sampler(row.energy_sampler)
     graph = row.cuda_graph and models.device.startswith("cuda")
