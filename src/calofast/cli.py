@@ -156,6 +156,13 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return int(k), int(n)
 
 
+def _with_cache(bundle, text: str | None):
+    """The bundle with --deep-cache applied (its main stage), or unchanged."""
+    from .deepcache import deep_cache, parse_deep_cache
+    spec = parse_deep_cache(text)
+    return deep_cache(bundle, *spec) if spec else bundle
+
+
 def _graph_ok(wanted: bool, device: str) -> bool:
     if wanted and not str(device).startswith("cuda"):
         raise ValueError(f"--cuda-graph needs --device cuda (got {device})")
@@ -172,7 +179,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     _positive(batch_size=a.batch_size, steps=a.steps, n=a.n)
     _seed(a.seed)
-    bundle = load_bundle(a.model, device=_device(device))
+    bundle = _with_cache(load_bundle(a.model, device=_device(device)), a.deep_cache)
     energies, first = _energies(a, bundle), 0
     if shard is not None:
         events = shard_range(len(energies), *shard)
@@ -231,7 +238,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         claim_output(Path(a.output), a.force)             # before the work, not after it
     if a.threads:
         torch.set_num_threads(a.threads)
-    bundle = load_bundle(a.model, device=_device(a.device))
+    bundle = _with_cache(load_bundle(a.model, device=_device(a.device)), a.deep_cache)
     if a.compile:
         from .generate import compile_network
         compile_network(bundle, bf16=a.dtype == "bf16")

@@ -71,6 +71,9 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
                      help="sampler of a factorised model's energy stage, e.g. dpmpp-2m:16 (default: the bundle's)")
     gen.add_argument("--cuda-graph", action="store_true",
                      help="replay each batch size from one CUDA graph (GPU; removes per-step overhead at small batches)")
+    gen.add_argument("--deep-cache", metavar="KEEP:INTERVAL",
+                     help="DeepCache of a transformer stage: reuse the deep blocks' residual, recomputed every INTERVAL "
+                     "calls (or KEEP:i,j,... at those calls); the first KEEP blocks always run")
     gen.add_argument("--force", action="store_true", help="overwrite the output")
     gen.add_argument("--shard", help="K/N: only events K*n/N .. (K+1)*n/N - 1 (a SLURM array); 'torchrun': one shard "
                      "per rank, written to OUTPUT.partRRRR-of-NNNN.h5; join with calofast merge (bit-identical to one run when "
@@ -118,6 +121,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     be.add_argument("--compile", action="store_true", help="torch.compile the network (compiled in the warm-up)")
     be.add_argument("--energy-sampler", metavar="NAME:STEPS", help="sampler of a factorised model's energy stage")
     be.add_argument("--cuda-graph", action="store_true", help="time the pipeline replayed from a CUDA graph (GPU)")
+    be.add_argument("--deep-cache", metavar="KEEP:INTERVAL", help="DeepCache of a transformer stage (see generate)")
     be.add_argument("-o", "--output", help="write the table (.csv or .json)")
     be.add_argument("--force", action="store_true", help="overwrite the table")
     be.set_defaults(func=handlers["bench"])

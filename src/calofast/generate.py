@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .checkpoint import Bundle, Stage
+from .deepcache import reset_caches
 from .diffusion import Boundary
 from .distill.consistency import consistency_points
 from .interval import bind, uniform_grid
@@ -149,10 +150,14 @@ def compile_network(bundle: Bundle, bf16: bool = False) -> Bundle:
 
     The samplers stay eager; parameter names (state_dict) are unchanged. The first call at each new batch
     size compiles (tens of seconds); later calls reuse the kernels."""
+    from .deepcache import DeepCache
     if bf16:
         gemm_weights_bf16(bundle)
     for stage in bundle.stages:
-        stage.denoiser.compile(dynamic=False)
+        if isinstance(stage.denoiser.net, DeepCache):      # its parts: the call schedule stays in Python
+            stage.denoiser.net.compile_parts()
+        else:
+            stage.denoiser.compile(dynamic=False)
     return bundle
 
 
@@ -161,7 +166,9 @@ def _compiled(module) -> bool:
 
 
 def is_compiled(bundle: Bundle) -> bool:
-    return _compiled(bundle.denoiser)
+    from .deepcache import DeepCache
+    net = bundle.denoiser.net
+    return _compiled(bundle.denoiser) or (isinstance(net, DeepCache) and net.compiled)
 
 
 def sample_batch(bundle: Bundle, energies: torch.Tensor, seed: int, events, *, sampler: str | None = None,
@@ -206,6 +213,7 @@ def run_stages(bundle: Bundle, plan: list[tuple[str, torch.Tensor, object]], ene
         mark(f"condition {stage.name}")
         noise = rng.randn(bundle.transform.stage_shapes[k])
         mark(f"noise {stage.name}")
+        reset_caches(denoiser)
         counted = CountingDenoiser(denoiser)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16,
                                              cache_enabled=autocast_cache):

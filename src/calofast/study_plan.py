@@ -10,8 +10,8 @@ __all__ = ["Row", "Plan", "load_plan", "select", "FLOOR"]
 
 FLOOR = "gflash-floor"
 _ROW_KEYS = {"label", "model", "sampler", "steps", "knobs", "family", "seed", "batch_size", "dtype", "compile",
-             "energy_sampler", "cuda_graph"}
-_NEW_KEYS = ("energy_sampler", "cuda_graph")      # left out of a row's identity when unset (older study folders)
+             "energy_sampler", "cuda_graph", "deep_cache"}
+_NEW_KEYS = ("energy_sampler", "cuda_graph", "deep_cache")   # left out of a row's identity when unset (older folders)
 _TOP_KEYS = {"name", "geometry", "reference", "defaults", "rows", "chunk", "timing_repeats"}
 _REF_KEYS = {"file", "gflash_seed", "energies", "n", "floor_seed"}
 
@@ -30,6 +30,7 @@ class Row:
     compile: bool = False
     energy_sampler: str = ""     # NAME:STEPS for a factorised model's energy stage ("": the bundle's own)
     cuda_graph: bool = False     # generate and time from CUDA graphs (CUDA only)
+    deep_cache: str = ""         # KEEP:INTERVAL or KEEP:i,j,... (DeepCache of a transformer main stage)
 
     def spec(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "family" and not (k in _NEW_KEYS and not v)}
@@ -104,6 +105,12 @@ def load_plan(path: "str | Path") -> Plan:
             from .generate import parse_stage_sampler
             try:
                 parse_stage_sampler(merged["energy_sampler"], "energy_sampler")
+            except ValueError as err:
+                raise _fail(path, f"{where}: {err}") from None
+        if merged.get("deep_cache"):
+            from .deepcache import parse_deep_cache
+            try:
+                parse_deep_cache(merged["deep_cache"], "deep_cache")
             except ValueError as err:
                 raise _fail(path, f"{where}: {err}") from None
         rows.append(Row(**merged))

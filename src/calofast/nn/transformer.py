@@ -105,12 +105,24 @@ class Transformer3D(nn.Module):
         h = self.layer_embed(values)                                          # [B, tl, width]
         return h[:, :, None, None].expand(-1, tl, ta, tr, -1).reshape(h.shape[0], tl * ta * tr, -1)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def stem(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [B, N, width], embedding [B, emb_dim]) before the first block."""
         emb = self.emb(c_noise, cond)
         h = self.embed(self._patchify(x)) + self._positions()
         if self.layer_embed is not None:
             h = h + self._layer_tokens(cond)
-        for block in self.blocks:
+        return h, emb
+
+    def blocks_range(self, h: torch.Tensor, emb: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for block in self.blocks[start:stop]:
             h = block(h, emb)
+        return h
+
+    def output(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Tokens after the last block -> F [B, 1, L, A, R]."""
         shift, scale = self.ada(emb)[:, None, :].chunk(2, dim=2)
         return self._unpatchify(self.head(self.norm(h) * (1 + scale) + shift))
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h, emb = self.stem(x, c_noise, cond)
+        return self.output(self.blocks_range(h, emb, 0, len(self.blocks)), emb)
