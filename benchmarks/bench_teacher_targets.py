@@ -5,25 +5,17 @@ forward of the same network at the training batch size (what a training step cos
     python benchmarks/bench_teacher_targets.py --model ds2-factorised --trajectories 64 256
 """
 import argparse
-import statistics
-import time
 
 import torch
+from bench_network import timed as timed_s          # benchmarks/ is the script's folder, on sys.path
 
 from calofast.checkpoint import load_bundle
 from calofast.distill.shortcut import TeacherTargets
 
 
 def timed(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out) * 1e3
+    """Median ms of `reps` synchronised calls after a warm-up."""
+    return timed_s(fn, reps) * 1e3
 
 
 def main() -> None:
