@@ -84,16 +84,18 @@ class TeacherTargets:
             if i + 1 in marks:
                 states[i + 1] = x
         pts = [states[m].float() / (1 + grid[m]) for m in marks]         # t-space states at the level points
-        n_seg, out = len(marks) - 1, ([], [], [], [], [])
-        for j in range(self.levels):
-            stride = n_seg >> j
-            h = self.t_max * stride / n_seg
-            for a in range(0, n_seg, stride):
-                for lst, v in zip(out, (pts[a], torch.full((x0.shape[0],), self.t_max * (n_seg - a) / n_seg,
-                                                           device=x0.device), torch.full((x0.shape[0],), h, device=x0.device),
-                                        (pts[a] - pts[a + stride]) / h, cond)):
-                    lst.append(v)
-        return tuple(torch.cat(v) for v in out)
+        n_seg = len(marks) - 1
+        jumps = [(a, n_seg >> j) for j in range(self.levels) for a in range(0, n_seg, n_seg >> j)]  # (start, length)
+
+        def full(v: float) -> torch.Tensor:
+            return torch.full((x0.shape[0],), v, device=x0.device)
+
+        h = [self.t_max * n / n_seg for _, n in jumps]
+        return (torch.cat([pts[a] for a, _ in jumps]),
+                torch.cat([full(self.t_max * (n_seg - a) / n_seg) for a, _ in jumps]),
+                torch.cat([full(v) for v in h]),
+                torch.cat([(pts[a] - pts[a + n]) / v for (a, n), v in zip(jumps, h)]),
+                cond.repeat(len(jumps), *([1] * (cond.ndim - 1))))
 
     def draw(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None):
         """round(fraction x batch) pairs (as `pairs` returns them) for this step; when the buffer is used up, it
