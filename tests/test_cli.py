@@ -126,3 +126,17 @@ def test_info_prints_summary_and_plot(tmp_path, capsys):
     assert main(["info", str(out), "--plot", str(tmp_path / "x.png")]) == 0
     text = capsys.readouterr().out
     assert "E_tot/E_inc" in text and (tmp_path / "x.png").stat().st_size > 10_000
+
+
+def test_help_names_shipped_models_and_the_protocol_sizes(capsys):
+    from calofast.checkpoint import shipped_models
+    from calofast.evaluate import PROTOCOL_EVENTS
+    for cmd in ("generate", "bench", "export", "set-sampler"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(name in text for name in shipped_models()), cmd
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(f"{n:,}" in text for n in PROTOCOL_EVENTS.values())

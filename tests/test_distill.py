@@ -104,7 +104,7 @@ def test_cli_distill_progressive_needs_no_sampler_flags(teacher, tmp_path, capsy
     assert (tmp_path / "pd/pd-1step.safetensors").exists() and (tmp_path / "pd/pd-2step.safetensors").exists()
     out = tmp_path / "s.h5"
     assert main(["generate", "--model", str(tmp_path / "pd/pd-1step.safetensors"), "--n", "5", "-o", str(out)]) == 0
-    assert "sampler euler, 1 steps, NFE 1," in capsys.readouterr().out
+    assert "sampler euler, 1 step, NFE 1," in capsys.readouterr().out
     # Re-running skips finished stages.
     assert main(["distill", "progressive", "--teacher", str(path), "--data", str(tiny_data(tmp)), "--start-steps", "4",
                  "--to-steps", "1", "--set", "distill.showers_per_stage=256", "-o", str(tmp_path / "pd")]) == 0

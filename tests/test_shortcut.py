@@ -108,7 +108,7 @@ def test_shortcut_bundle_generates_with_any_steps_and_exports(teacher, tmp_path,
     for steps, flags in ((2, []), (1, ["--steps", "1"]), (3, ["--steps", "3"])):
         g = tmp_path / f"sc{steps}.h5"
         assert main(["generate", "--model", str(out), "--n", "6", "-o", str(g), *flags]) == 0
-        assert f"sampler euler, {steps} steps, NFE {steps} (+2 energy)" in capsys.readouterr().out
+        assert f"sampler euler, {steps} step{'s' * (steps > 1)}, NFE {steps} (+2 energy)" in capsys.readouterr().out
         s = read_showers(g)[1]
         assert np.all(np.isfinite(s)) and np.all(s >= 0)
     student = load_bundle(out)

@@ -156,6 +156,10 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return int(k), int(n)
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _with_cache(bundle, text: str | None):
     """The bundle with --deep-cache applied (its main stage), or unchanged."""
     from .deepcache import deep_cache, parse_deep_cache
@@ -190,7 +194,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     stats = generate_file(bundle, output, energies, seed=a.seed, sampler=a.sampler, steps=a.steps,
                           batch_size=a.batch_size, bf16=a.dtype == "bf16", force=a.force, knobs=knobs, first_event=first,
                           early=parse_stage_sampler(a.energy_sampler), cuda_graph=_graph_ok(a.cuda_graph, device))
-    print(f"wrote {stats.n} showers to {stats.path}: sampler {stats.sampler}, {stats.steps} steps, "
+    print(f"wrote {stats.n} showers to {stats.path}: sampler {stats.sampler}, {_count(stats.steps, 'step')}, "
           f"{nfe_text(stats.nfe)}, {stats.showers_per_s:.1f} showers/s on {a.device} ({a.dtype}); "
           f"{stats.clipped} clipped showers")
     return 0
@@ -259,7 +263,7 @@ def cmd_set_sampler(a: argparse.Namespace) -> int:
     from .generate import parse_stage_sampler
     name, steps = parse_stage_sampler(a.sampler, "--sampler")
     out = set_stage_sampler(a.model, a.output, a.stage, name, steps, force=a.force)
-    print(f"wrote {out}: stage {a.stage} defaults to {name} with {steps} steps")
+    print(f"wrote {out}: stage {a.stage} defaults to {name} with {_count(steps, 'step')}")
     return 0
 
 

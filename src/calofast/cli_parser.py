@@ -7,6 +7,8 @@ from pathlib import Path
 
 def build_parser(handlers: dict) -> argparse.ArgumentParser:
     """The argument parser; `handlers` maps each subcommand to its function (cli.py)."""
+    shipped = ", ".join(sorted(f.stem for f in (Path(__file__).parent / "models").glob("*.safetensors")))
+    model_help = f"model bundle (.safetensors) or a shipped model's name ({shipped})"
     p = argparse.ArgumentParser(prog="calofast", description="Fast calorimeter-shower simulation with "
                                 "diffusion models (CaloChallenge format).")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -54,7 +56,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="sample showers from a model bundle into a CaloChallenge file",
                          description="Generate showers with any sampler. Distilled bundles bring their own "
                          "sampler and steps.")
-    gen.add_argument("--model", required=True, help="model bundle (.safetensors)")
+    gen.add_argument("--model", required=True, help=model_help)
     gen.add_argument("--sampler", help="ddpm, ddim, euler, heun, dpmpp-2m, dpmpp-2m-sde, unipc, consistency "
                      "(default: the bundle's own, else dpmpp-2m)")
     gen.add_argument("--steps", type=int, help="sampler steps (default: the bundle's own, else 20)")
@@ -86,7 +88,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
                         "model (one run for every step count, from a flow-matching teacher; generate it with any "
                         "--steps). Resumable; multi-GPU through torchrun like training.")
     ds.add_argument("method", choices=("progressive", "consistency", "shortcut"))
-    ds.add_argument("--teacher", required=True, help="teacher bundle (.safetensors)")
+    ds.add_argument("--teacher", required=True, help=f"teacher: {model_help}")
     ds.add_argument("--data", required=True, help="training showers (CaloChallenge HDF5)")
     ds.add_argument("--start-steps", type=int, default=128, help="progressive: teacher steps of the first stage")
     ds.add_argument("--to-steps", type=int, default=1, help="progressive: final student steps")
@@ -101,7 +103,8 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     ev.add_argument("--reference", required=True)
     ev.add_argument("--geometry", default="ds2")
     ev.add_argument("--fast", action="store_true", help="shortened classifier (smoke runs; not comparable)")
-    ev.add_argument("--min-events", type=int, help="accept files smaller than the official protocol's size")
+    ev.add_argument("--min-events", type=int, help="accept files smaller than the official protocol's size "
+                    "(100,000 events for DS2 and DS3, 121,000 / 120,800 for DS1 photons / pions)")
     ev.add_argument("--classifiers", default="low,high", help="which classifier tests (low,high; empty: none)")
     ev.add_argument("--device", help="classifier device (default: cuda if available)")
     ev.add_argument("--label", help="name in the report")
@@ -110,7 +113,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="time per shower (CaloChallenge timing protocol)",
                         description="Warm-up, then repeated timed batches; CUDA synchronised; mean, std, median.")
-    be.add_argument("--model", required=True)
+    be.add_argument("--model", required=True, help=model_help)
     be.add_argument("--sampler")
     be.add_argument("--steps", type=int)
     be.add_argument("--batch-sizes", default="1,100,10000")
@@ -129,7 +132,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="export a bundle + few-step sampler to ONNX (Geant4 Par04) or TorchScript",
                         description="One ONNX file (opset 17) with preprocessing, the unrolled sampler and the "
                         "inverse transform. Distilled bundles bring their own sampler and steps.")
-    ex.add_argument("--model", required=True)
+    ex.add_argument("--model", required=True, help=model_help)
     ex.add_argument("--sampler", help="euler, ddim, heun, dpmpp-2m or consistency (deterministic only)")
     ex.add_argument("--steps", type=int)
     ex.add_argument("--flavour", choices=("par04", "reproducible"), default="reproducible")
@@ -170,7 +173,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     ss = sub.add_parser("set-sampler", help="copy a bundle with another default sampler for one stage",
                         description="Write a copy of a bundle whose stage STAGE runs with NAME:STEPS by default "
                         "(e.g. a factorised student's energy stage with dpmpp-2m:16); the weights are unchanged.")
-    ss.add_argument("--model", required=True)
+    ss.add_argument("--model", required=True, help=model_help)
     ss.add_argument("--stage", required=True, help="stage name, e.g. energy")
     ss.add_argument("--sampler", required=True, metavar="NAME:STEPS", help="e.g. dpmpp-2m:16")
     ss.add_argument("--force", action="store_true", help="overwrite the output")
