@@ -229,8 +229,7 @@ def set_stage_sampler(path: "str | Path", output: "str | Path", stage: str, samp
     spec["sampler"] = {"name": sampler, "steps": int(steps)}
     meta["stages"] = json.dumps(specs)
     meta["edited"] = (meta.get("edited", "") + f"; {stage} sampler {old} -> {spec['sampler']}").lstrip("; ")
-    meta.pop("meta_sha256", None)
-    meta["meta_sha256"] = _meta_sha256(meta)
+    meta["meta_sha256"] = _meta_sha256(meta)                # the hash leaves out its own field
     atomic_write_bytes(output, save(tensors, metadata=meta))
     return output
 

@@ -101,18 +101,14 @@ def load_plan(path: "str | Path") -> Plan:
                 check_knobs(merged.get("sampler") or "dpmpp-2m", merged.get("knobs"))
             except ValueError as err:
                 raise _fail(path, f"{where}: {err}") from None
-        if merged.get("energy_sampler"):
-            from .generate import parse_stage_sampler
-            try:
-                parse_stage_sampler(merged["energy_sampler"], "energy_sampler")
-            except ValueError as err:
-                raise _fail(path, f"{where}: {err}") from None
-        if merged.get("deep_cache"):
-            from .deepcache import parse_deep_cache
-            try:
-                parse_deep_cache(merged["deep_cache"], "deep_cache")
-            except ValueError as err:
-                raise _fail(path, f"{where}: {err}") from None
+        from .deepcache import parse_deep_cache
+        from .generate import parse_stage_sampler
+        for key, parse in (("energy_sampler", parse_stage_sampler), ("deep_cache", parse_deep_cache)):
+            if merged.get(key):
+                try:
+                    parse(merged[key], key)
+                except ValueError as err:
+                    raise _fail(path, f"{where}: {err}") from None
         rows.append(Row(**merged))
     if not rows:
         raise _fail(path, "no [[rows]]")
