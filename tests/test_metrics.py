@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from calofast.geometry import PRESETS
-from calofast.metrics.classifier import FAST, IsotonicCalibrator, classifier_test, roc_auc
+from calofast.metrics.classifier import FAST, IsotonicCalibrator, classifier_test, energy_groups, group_names, roc_auc
 from calofast.metrics.compare import feature_bins, normalised_histogram, separation_power, voxel_bins
 from calofast.metrics.features import high_level_vector, shower_features
 from calofast.metrics.fpd import fpd, frechet_distance, kpd, mmd2_unbiased
@@ -95,6 +95,25 @@ def test_classifier_separates_and_does_not_invent_differences():
     assert abs(same["auc"] - 0.5) < 5 * np.sqrt((2 * n + 1) / (12 * n * n))
     diff = classifier_test(a, b + np.array([1.5, 0, 0, 0, 0]), FAST, "cpu")
     assert diff["auc"] > 0.8 and diff["jsd"] > 0.2
+
+
+def test_classifier_auc_by_group_finds_where_the_difference_is():
+    """Only group 1 of the generated events is shifted: its val AUC is high, group 0's stays at 0.5."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    g_gen, g_ref = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    a, b = rng.normal(0, 1, (n, 5)), rng.normal(0, 1, (n, 5))
+    a[g_gen == 1, 0] += 2.0
+    res = classifier_test(a, b, FAST, "cpu", groups=(g_gen, g_ref))
+    by = res["auc_by_group"]
+    assert set(by) == {"0", "1"} and sum(v["n_val"] for v in by.values()) == res["n_val"]
+    m = by["0"]["n_val"] / 2                             # events per class in group 0's val split, about
+    assert abs(by["0"]["auc"] - 0.5) < 5 * np.sqrt((2 * m + 1) / (12 * m * m))
+    assert by["1"]["auc"] > 0.8 > by["0"]["auc"]
+    with pytest.raises(ValueError, match="one label per event"):
+        classifier_test(a, b, FAST, "cpu", groups=(g_gen[:-1], g_ref))
+    assert energy_groups(np.array([1e3, 9.99e3, 1e4, 5e5, 1e6])).tolist() == [0, 0, 1, 2, 3]
+    assert group_names(np.array([0, 2])) == {0: "1-10 GeV", 2: "100-1000 GeV"}
 
 
 def test_frechet_distance_closed_form_and_fpd_extrapolation():

@@ -22,7 +22,7 @@ from . import __version__
 from .checkpoint import atomic_write_bytes
 from .data import ShowerFileError, file_attrs, inspect_file, iter_showers
 from .geometry import Geometry
-from .metrics.classifier import FAST, FULL, classifier_test, low_level_inputs
+from .metrics.classifier import FAST, FULL, classifier_test, energy_groups, group_names, low_level_inputs
 from .metrics.compare import separation_powers, voxel_bins
 from .metrics.features import FileFeatures, apply_threshold, file_features, high_level_vector
 from .metrics.fpd import fpd, kpd
@@ -129,12 +129,16 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
     }
     hl_r, hl_g = reference.high_level, high_level_vector(ff_g.features)
     cfg = FAST if fast else FULL
-    if "high" in classifiers:
-        metrics["classifier_high"] = classifier_test(hl_g, hl_r, cfg, device, progress, name="high-level")
-        lap("classifier_high")
-    if "low" in classifiers:
-        metrics["classifier_low"] = classifier_test(low_g, reference.low_level, cfg, device, progress, name="low-level (voxels)")
-        lap("classifier_low")
+    # Each classifier's AUC is also reported within each incident-energy decade (same classifier, val events of it).
+    groups = (energy_groups(ff_g.features["E_inc"]), energy_groups(ff_r.features["E_inc"]))
+    names = group_names(np.concatenate(groups))
+    for key, what, x_g, x_r in (("classifier_high", "high-level", hl_g, hl_r),
+                                ("classifier_low", "low-level (voxels)", low_g, reference.low_level)):
+        if key.split("_")[1] in classifiers:
+            res = classifier_test(x_g, x_r, cfg, device, progress, name=what, groups=groups)
+            res["auc_by_energy"] = {names[int(k)]: v for k, v in res.pop("auc_by_group").items()}
+            metrics[key] = res
+            lap(key)
     if distances:
         # Protocol: FPD over 10k-50k bootstrap samples (10 sizes x 20 draws), KPD 10 x 10k. Smaller files
         # use n-5n; fast mode also cuts the draws (5 sizes x 5 draws, KPD 5 x 2k) for smoke runs.
@@ -181,6 +185,9 @@ def write_report(metrics: dict, out_dir: Path) -> Path:
     for key, name in (("classifier_low", "classifier AUC, low-level (voxels)"), ("classifier_high", "classifier AUC, high-level")):
         if key in m:
             rows.append((name, f"{m[key]['auc']:.4f}  (JSD {m[key]['jsd']:.4f}; uncalibrated AUC {m[key]['auc_uncalibrated']:.4f})"))
+            by_e = m[key].get("auc_by_energy", {})
+            if by_e:
+                rows.append((f"{name} by incident energy", "; ".join(f"{k}: {v['auc']:.4f}" for k, v in by_e.items())))
     for key in ("fpd", "kpd"):
         if key in m:
             rows.append((f"{key.upper()} x 10^3", f"{m[key]['x1e3']:.3f} &plusmn; {m[key]['error'] * 1e3:.3f}"))

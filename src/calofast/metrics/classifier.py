@@ -20,7 +20,8 @@ from torch import nn
 
 from .features import apply_threshold
 
-__all__ = ["ClassifierConfig", "FULL", "FAST", "low_level_inputs", "classifier_test", "roc_auc", "IsotonicCalibrator"]
+__all__ = ["ClassifierConfig", "FULL", "FAST", "low_level_inputs", "classifier_test", "roc_auc", "IsotonicCalibrator",
+           "energy_groups", "group_names"]
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,23 @@ def _split(n: int, frac: tuple[float, float, float], rng: np.random.Generator) -
     return [idx[:a], idx[a:b], idx[b:]]
 
 
+def energy_groups(energies: np.ndarray) -> np.ndarray:
+    """Incident energies [N] (MeV) -> the index of their decade from 1 GeV (0: 1-10 GeV, ...), clipped to >= 0."""
+    return np.clip(np.floor(np.log10(np.asarray(energies, np.float64).reshape(-1) / 1e3)), 0, None).astype(np.int64)
+
+
+def group_names(groups: np.ndarray) -> dict[int, str]:
+    """Decade indices of `energy_groups` -> labels such as '1-10 GeV'."""
+    return {int(g): f"{10 ** int(g):g}-{10 ** (int(g) + 1):g} GeV" for g in np.unique(groups)}
+
+
 def classifier_test(x_gen: np.ndarray, x_ref: np.ndarray, cfg: ClassifierConfig = FULL,
-                    device: "str | torch.device | None" = None, progress: bool = False, name: str = "") -> dict:
-    """Train the protocol classifier on generated (0) vs reference (1) inputs; AUC and JSD on val."""
+                    device: "str | torch.device | None" = None, progress: bool = False, name: str = "",
+                    groups: "tuple[np.ndarray, np.ndarray] | None" = None) -> dict:
+    """Train the protocol classifier on generated (0) vs reference (1) inputs; AUC and JSD on val.
+
+    `groups` (one integer label per event of each class, e.g. `energy_groups` of the incident energies) adds
+    `auc_by_group`: the calibrated val AUC within each label (the classifier is the one trained on all events)."""
     from tqdm import tqdm
 
     if x_gen.shape[1] != x_ref.shape[1]:
@@ -123,18 +138,23 @@ def classifier_test(x_gen: np.ndarray, x_ref: np.ndarray, cfg: ClassifierConfig 
         raise ValueError("the classifier test needs at least 50 events per class")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, cfg.dtype)
+    if groups is not None and (len(groups[0]) != len(x_gen) or len(groups[1]) != len(x_ref)):
+        raise ValueError("groups need one label per event of each class")
     rng = np.random.default_rng(cfg.seed)
     parts = {}
     for label, x in ((0, x_gen), (1, x_ref)):
-        for name, idx in zip(("train", "test", "val"), _split(len(x), cfg.split, rng)):
-            parts.setdefault(name, []).append((x[idx], np.full(len(idx), float(label))))
-    data = {}
-    for name, chunks in parts.items():
+        g = np.zeros(len(x), np.int64) if groups is None else np.asarray(groups[label], np.int64)
+        for part, idx in zip(("train", "test", "val"), _split(len(x), cfg.split, rng)):
+            parts.setdefault(part, []).append((x[idx], np.full(len(idx), float(label)), g[idx]))
+    data, val_groups = {}, None
+    for part, chunks in parts.items():
         x = np.concatenate([c[0] for c in chunks])
         y = np.concatenate([c[1] for c in chunks])
         perm = rng.permutation(len(x))
-        data[name] = (torch.as_tensor(x[perm], dtype=dtype, device=device),
+        data[part] = (torch.as_tensor(x[perm], dtype=dtype, device=device),
                       torch.as_tensor(y[perm], dtype=dtype, device=device))
+        if part == "val":
+            val_groups = np.concatenate([c[2] for c in chunks])[perm]
     torch.manual_seed(cfg.seed)
     net = _net(x_gen.shape[1], cfg).to(device=device, dtype=dtype)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
@@ -175,7 +195,15 @@ def classifier_test(x_gen: np.ndarray, x_ref: np.ndarray, cfg: ClassifierConfig 
         bce = -np.mean(y_val * np.log(p) + (1 - y_val) * np.log(1 - p))
         return float((math.log(2) - bce) / math.log(2))
 
-    return {"auc": roc_auc(y_val, calibrated), "jsd": jsd(calibrated),
+    result = {"auc": roc_auc(y_val, calibrated), "jsd": jsd(calibrated),
             "auc_uncalibrated": roc_auc(y_val, p_val), "jsd_uncalibrated": jsd(p_val),
             "best_test_accuracy": best_acc, "epochs_run": epochs_run,
             "n_train": int(len(x_tr)), "n_val": int(len(y_val)), "config": asdict(cfg), "device": str(device)}
+    if groups is not None:
+        by_group = {}
+        for g in np.unique(val_groups):
+            m = val_groups == g
+            if 0 < y_val[m].sum() < m.sum():            # both classes present
+                by_group[str(int(g))] = {"auc": roc_auc(y_val[m], calibrated[m]), "n_val": int(m.sum())}
+        result["auc_by_group"] = by_group
+    return result
