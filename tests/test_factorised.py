@@ -196,6 +196,13 @@ def test_train_init_continues_from_the_bundle(factorised, tmp_path, capsys):
     assert int(b.meta["train_events_seen"]) == int(a.meta["train_events_seen"]) + 64
     assert b.meta["parent"] == a.meta["tensors_sha256"] and b.config.network == a.config.network
     assert [s.sampler for s in b.stages] == [{"name": "heun", "steps": 4}, {"name": "euler", "steps": 3}]
+    # The training distribution of sigma is no part of what the weights mean: it may change, and is used.
+    assert main(args + ["--set", "diffusion.p_mean=-1", "--set", "diffusion.p_std=1.5", "-o", str(tmp_path / "pm")]) == 0
+    c = load_bundle(tmp_path / "pm/model.safetensors")
+    assert (c.stages[1].denoiser.param.m, c.stages[1].denoiser.param.s) == (-1.0, 1.5)
+    assert (c.stages[0].denoiser.param.m, c.stages[0].denoiser.param.s) == (a.stages[0].denoiser.param.m, a.stages[0].denoiser.param.s)
+    for va, vc in zip(a.stages[1].denoiser.state_dict().values(), c.stages[1].denoiser.state_dict().values()):
+        assert torch.equal(va, vc)
     capsys.readouterr()
     assert main(args + ["--set", "network.width=48", "-o", str(tmp_path / "bad")]) == 2
     assert "network or diffusion differs" in capsys.readouterr().err

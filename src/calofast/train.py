@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,9 +29,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import Bundle, Stage, file_sha256, load_bundle, load_state, save_bundle, save_state, stage_network
-from .config import Config, TrainConfig, dumps
+from .config import Config, DiffusionConfig, TrainConfig, dumps
 from .data import inspect_file, iter_showers
-from .diffusion import Preconditioned, build_parameterisation, denoising_loss
+from .diffusion import EDM, Flow, Preconditioned, build_parameterisation, denoising_loss
 from .geometry import get_geometry
 from .transforms import ShowerTransform, fit_transform
 
@@ -255,9 +256,26 @@ def load_training_data(path: "str | Path", transform: ShowerTransform, max_event
     return data
 
 
+def _training_only(diffusion: DiffusionConfig) -> DiffusionConfig:
+    """The diffusion config less its training distribution of sigma (p_mean, p_std), which weights mean nothing of."""
+    return dataclasses.replace(diffusion, p_mean=0.0, p_std=1.0)
+
+
+def _with_sigma_distribution(param, diffusion: DiffusionConfig):
+    """`param` (a bundle's) with the training distribution of sigma of `diffusion` (ln sigma ~ N(p_mean, p_std^2));
+    the discrete VP tables draw their own table indices and have none."""
+    if isinstance(param, Flow):
+        return dataclasses.replace(param, m=diffusion.p_mean, s=diffusion.p_std)
+    if isinstance(param, EDM):
+        return dataclasses.replace(param, P_mean=diffusion.p_mean, P_std=diffusion.p_std)
+    return param
+
+
 def _same_stage(config: Config, base: Config, name: str) -> bool:
-    """Whether stage `name` has the same network and diffusion in both configs (its weights keep their meaning)."""
-    return config.stage(name)[:2] == base.stage(name)[:2]
+    """Whether stage `name` has the same network and diffusion in both configs (its weights keep their meaning);
+    the training distribution of sigma may differ."""
+    (net, diff), (base_net, base_diff) = config.stage(name)[:2], base.stage(name)[:2]
+    return net == base_net and _training_only(diff) == _training_only(base_diff)
 
 
 def _check_init(config: Config, init: Bundle, stages: tuple[str, ...]) -> None:
@@ -337,6 +355,8 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
             sampler = {"name": config.energy.sampler, "steps": config.energy.steps} if name == "energy" else None
         else:
             denoiser = start.stages[k].denoiser.train().requires_grad_(True)
+            if diffusion != start.config.stage(name)[1]:     # a new training distribution of sigma
+                denoiser.param = _with_sigma_distribution(denoiser.param, diffusion)
             param = denoiser.param
             sampler = start.stages[k].sampler             # a continued model keeps its stages' default samplers
         main = k == len(transform.stages) - 1
