@@ -10,6 +10,13 @@
 #             evaluates those rows of studies/ds2-shortcut.toml with it in the same call.
 #   speed     (few-step issue) pipeline profiles and calofast bench runs (PROFILES, BENCHES: ';'-separated argument
 #             lists), then ONLY=row,row of PLAN (default studies/ds2-shortcut.toml).
+#   continue  more training of the shipped model (train --init) into runs/device/$CONT (default cont); several
+#             continues with different CONT and SETS may run at once (start them after `data`)
+#   data      the training data alone (so that concurrent phases do not race for it)
+#   probe     (diagnostic) GFlash reference (seed 1001) and floor (seed 2002), 50,000 showers of MODEL (default the
+#             shipped teacher, DPM-Solver++(2M) 32) from the reference's energies, then scripts/classifier_probe.py
+#   rows      evaluate the bundles of finished runs RUNS="f0 f1" (runs/device/NAME/model.safetensors) with the full
+#             protocol at DPM-Solver++(2M) 32 (the ablation's plan), in one study
 #   evaluate  calofast study PLAN (default studies/ds2-factorised.toml) into runs/device/study-NAME: every row
 #             generated, timed and evaluated with the full protocol (EVAL_JOBS evaluations at a time), resumable;
 #             stops by DEADLINE s and packs each row's generation.json, metrics.json and report into the results.
@@ -63,27 +70,40 @@ run_study() {   # run_study PLAN DEADLINE_S [ONLY]: calofast study into W/study-
   cp $W/logs/study.log "$X/"
 }
 
+rows_plan() {   # rows_plan TITLE RUN...: a study plan of the runs' bundles at DPM-Solver++(2M) GEN_STEPS, compiled
+  local title=$1; shift
+  echo "name = \"$title: DPM-Solver++(2M) $GEN_STEPS steps\""; echo 'timing_repeats = 0'
+  echo '[reference]'; echo "n = $N_REF"; echo 'gflash_seed = 1001'; [ -n "${FLOOR:-}" ] && echo 'floor_seed = 2002'
+  echo '[defaults]'; echo 'sampler = "dpmpp-2m"'; echo "steps = $GEN_STEPS"; echo 'batch_size = 10000'
+  [ -z "${SMOKE:-}" ] && echo 'compile = true'
+  for name in "$@"; do
+    echo '[[rows]]'; echo "label = \"$name\""; echo "model = \"$(cd $W/$name && pwd)/model.safetensors\""; echo 'family = "ablation"'
+  done
+}
+
 case "$PHASE" in
   train)
     data
     train_run main ds2-factorised "${E_S:-40}" "${S_S:-400}" true
     bring_back $W/main/model.safetensors ds2-factorised.safetensors
     ;;
+  data) data; exit 0 ;;
   continue)     # more training of the shipped model (train --init): fresh cosine, E_S s energy, S_S s shape;
                 # ONLY=row,row then evaluates those rows of studies/ds2-factorised.toml with the continued model
                 # STAGES=energy trains only that stage (SETS="--set energy.network.width=512" may change its network)
     data
-    init=$( [ -f .carry/ds2-factorised.safetensors ] && echo .carry || echo src/calofast/models)/ds2-factorised.safetensors
-    quiet cf train --data $W/train.h5 --init "$init" -o $W/cont --set train.showers=1000000000 \
+    init=${INIT:-$( [ -f .carry/ds2-factorised.safetensors ] && echo .carry || echo src/calofast/models)/ds2-factorised.safetensors}
+    C=${CONT:-cont}
+    quiet cf train --data $W/train.h5 --init "$init" -o $W/$C --set train.showers=1000000000 \
       --set train.budget_seconds="${S_S:-370}" --set train.lr="${LR:-3e-4}" --set train.warmup_showers=200000 \
       --set energy.train.showers=1000000000 --set energy.train.budget_seconds="${E_S:-45}" --set energy.train.lr=5e-4 \
       --set energy.train.warmup_showers=400000 --set train.compile=true --set train.checkpoint_showers=4000000 \
-      ${STAGES:+--stages $STAGES} ${SMOKE_SET:-} ${SETS:-} > $W/logs/cont.log 2>&1
-    stamp "cont trained: $(tail -qn1 $W/cont/*/stats.jsonl)"
-    (cd $W && cp --parents cont/config.json cont/*/stats.jsonl "$X/"); cp $W/logs/cont.log "$X/"
-    bring_back $W/cont/model.safetensors ds2-factorised.safetensors
+      ${STAGES:+--stages $STAGES} ${SMOKE_SET:-} ${SETS:-} > $W/logs/$C.log 2>&1
+    stamp "$C trained: $(tail -qn1 $W/$C/*/stats.jsonl)"
+    (cd $W && cp --parents $C/config.json $C/*/stats.jsonl "$X/"); cp $W/logs/$C.log "$X/"
+    [ -z "${NO_BACK:-}" ] && bring_back $W/$C/model.safetensors $C.safetensors
     if [ -n "${ONLY:-}" ]; then   # then evaluate the continued model's rows ONLY of studies/ds2-factorised.toml
-      [ -z "${SMOKE:-}" ] && cp $W/cont/model.safetensors src/calofast/models/ds2-factorised.safetensors
+      [ -z "${SMOKE:-}" ] && cp $W/$C/model.safetensors src/calofast/models/ds2-factorised.safetensors
       run_study studies/ds2-factorised.toml $(( ${DEADLINE:-570} - ($(date +%s) - t0) )) "$ONLY"
     fi
     ;;
@@ -123,12 +143,7 @@ case "$PHASE" in
     for name in ${ROWS:-abl-final}; do
       [ -f $W/$name/model.safetensors ] || train_run $name $(row_args $name | cut -d' ' -f1-3) false $(row_args $name | cut -d' ' -f4-)
     done
-    { echo "name = \"ablation at equal budget ($B s each): DPM-Solver++(2M) $GEN_STEPS steps\""; echo 'timing_repeats = 0'
-      echo '[reference]'; echo "n = $N_REF"; echo 'gflash_seed = 1001'; [ -n "${FLOOR:-}" ] && echo 'floor_seed = 2002'
-      echo '[defaults]'; echo 'sampler = "dpmpp-2m"'; echo "steps = $GEN_STEPS"; echo 'batch_size = 10000'
-      for name in ${ROWS:-abl-final}; do
-        echo '[[rows]]'; echo "label = \"$name\""; echo "model = \"$(cd $W/$name && pwd)/model.safetensors\""; echo 'family = "ablation"'
-      done; } > $plan
+    rows_plan "ablation at equal budget ($B s each)" ${ROWS:-abl-final} > $plan
     stamp "plan $plan"
     run_study $plan $(( ${DEADLINE:-565} - ($(date +%s) - t0) )) "${ONLY:-}"
     ;;
@@ -151,12 +166,30 @@ case "$PHASE" in
     [ -n "${TT:-}" ] && timeout ${STEP_S:-120} python benchmarks/bench_teacher_targets.py 2>&1 | grep -v Warning | tee "$X/teacher_targets.txt"
     [ -n "${ONLY:-}" ] && run_study "${PLAN:-studies/ds2-shortcut.toml}" $(( ${DEADLINE:-560} - ($(date +%s) - t0) )) "$ONLY"
     ;;
+  rows)
+    plan=$W/rows-$(echo ${RUNS:?RUNS names the runs} | tr ' ' '+').toml
+    rows_plan "runs $RUNS" $RUNS > $plan
+    run_study $plan $(( ${DEADLINE:-560} - ($(date +%s) - t0) ))
+    ;;
+  probe)
+    workers=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 )); model=${MODEL:-ds2-factorised}
+    for f in ref:1001 floor:2002; do
+      [ -f $W/${f%:*}.h5 ] || quiet cf gflash --geometry ds2 --n $N_REF --seed ${f#*:} --workers $workers --chunk 2000 --no-compress -o $W/${f%:*}.h5
+    done
+    gen=$W/probe-$(basename $model .safetensors).h5
+    [ -f $gen ] || quiet cf generate --model $model --energies-from $W/ref.h5 --seed 1 --batch-size 10000 --device $DEV \
+      $([ -z "${SMOKE:-}" ] && echo "--dtype bf16 --compile") --sampler dpmpp-2m --steps $GEN_STEPS -o $gen
+    stamp "generated $gen"
+    python scripts/classifier_probe.py --generated $gen --reference $W/ref.h5 --floor $W/floor.h5 --device $DEV \
+      --n $N_REF $FAST ${PROBE_ONLY:+--only "$PROBE_ONLY"} -o "$X/probe-$(basename $model .safetensors).json" 2>&1 | grep -v Warning
+    stamp "probe done"
+    ;;
   evaluate)
     # Carried bundles join (or replace) the shipped ones in this disposable copy of the tree (plans name models by name).
     [ -z "${SMOKE:-}" ] && for f in .carry/*.safetensors; do [ -f "$f" ] && cp "$f" src/calofast/models/; done
     run_study "${PLAN:-studies/ds2-factorised.toml}" "${DEADLINE:-520}" "${ONLY:-${SMOKE:+gflash-floor,dpmpp-2m-8}}"
     ;;
-  *) echo "usage: $0 train|continue|ablation|shortcut|speed|evaluate"; exit 2 ;;
+  *) echo "usage: $0 data|train|continue|ablation|shortcut|speed|probe|rows|evaluate"; exit 2 ;;
 esac
-tar czf "$OUTABS/results-$PHASE.tgz" -C "$X" .
+tar czf "$OUTABS/results-$PHASE${CONT:+-$CONT}.tgz" -C "$X" .
 stamp "done"; ls -la "$OUTABS"
