@@ -9,6 +9,7 @@ from calofast.rng import EventRNG, event_keys, hash32
 
 def test_parse_energy_units():
     assert parse_energy("10GeV") == 1e4 and parse_energy("1TeV") == 1e6 and parse_energy("250") == 250
+    assert parse_energy("5eV") == pytest.approx(5e-6) and parse_energy("5e3MeV") == 5e3 and parse_energy(".5 GeV") == 500
     for bad in ("10 parsecs", "-1GeV", "abc"):
         with pytest.raises(ValueError):
             parse_energy(bad)

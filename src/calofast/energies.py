@@ -22,7 +22,8 @@ _UNITS = {"ev": 1e-6, "kev": 1e-3, "mev": 1.0, "gev": 1e3, "tev": 1e6}
 
 def parse_energy(text: str) -> float:
     """'10GeV' -> 10000.0 (MeV)."""
-    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]*)\s*", text)
+    # The exponent needs digits, so '5eV' is 5 eV and '5e3MeV' is 5000 MeV.
+    m = re.fullmatch(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not m:
         raise ValueError(f"cannot read energy {text!r} (e.g. 10GeV, 500MeV, 1TeV)")
     unit = m.group(2).lower() or "mev"
