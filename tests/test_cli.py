@@ -126,6 +126,16 @@ def test_info_prints_summary_and_plot(tmp_path, capsys):
     assert main(["info", str(out), "--plot", str(tmp_path / "x.png")]) == 0
     text = capsys.readouterr().out
     assert "E_tot/E_inc" in text and (tmp_path / "x.png").stat().st_size > 10_000
+    # An existing plot is kept unless --force (then replaced whole); gflash --summary checks its plot before any work.
+    keep = tmp_path / "keep.png"
+    keep.write_text("keep me")
+    assert main(["info", str(out), "--plot", str(keep)]) == 2
+    assert "exists already" in capsys.readouterr().err and keep.read_text() == "keep me"
+    assert main(["info", str(out), "--plot", str(keep), "--force"]) == 0 and keep.read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "y.png").write_text("keep me")
+    assert main(["gflash", "--n", "40", "--seed", "2", "--summary", "-o", str(tmp_path / "y.h5")]) == 2
+    assert "y.png: exists already" in capsys.readouterr().err and not (tmp_path / "y.h5").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_help_names_shipped_models_and_the_protocol_sizes(capsys):

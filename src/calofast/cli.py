@@ -53,20 +53,25 @@ def cmd_gflash(a: argparse.Namespace) -> int:
     _positive(n=a.n, chunk=a.chunk, workers=a.workers)
     _seed(a.seed)
     geo = _geometry(a.geometry)
+    if a.summary:                      # the plot beside the file follows the file's rule, checked before any work
+        from .data import claim_output
+        claim_output(Path(a.output).with_suffix(".png"), a.force)
     path = write_gflash(a.output, geo, a.n, a.energies, a.seed, chunk=a.chunk, force=a.force,
                         config=GFlashConfig(c_s=a.c_s, substeps=a.substeps), workers=a.workers,
                         compression_level=0 if a.no_compress else 4)
     print(f"wrote {a.n} {geo.name} showers to {path}")
     if a.summary:
         return cmd_info(argparse.Namespace(file=path, geometry=None, plot=Path(path).with_suffix(".png"),
-                                           max_events=None))
+                                           max_events=None, force=a.force))
     return 0
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from .data import inspect_file
+    from .data import claim_output, inspect_file
     from .metrics.features import file_features
     _positive(max_events=a.max_events)
+    if a.plot:
+        claim_output(a.plot, a.force)
     info = inspect_file(a.file)
     geo = _geometry(a.geometry) if a.geometry else info.geometry()
     ff = file_features(a.file, geo, max_events=a.max_events, progress=True)

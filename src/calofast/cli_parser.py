@@ -38,6 +38,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     i.add_argument("--geometry", help="geometry (default: from the voxel count)")
     i.add_argument("--max-events", type=int, help="only the first N showers")
     i.add_argument("--plot", type=Path, help="write a summary plot (PNG) here")
+    i.add_argument("--force", action="store_true", help="overwrite an existing plot")
     i.set_defaults(func=handlers["info"])
 
     t = sub.add_parser("train", help="train a diffusion model (torchrun for several GPUs/processes)",

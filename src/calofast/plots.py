@@ -4,6 +4,8 @@ Every function writes one PNG and returns its path.
 """
 from __future__ import annotations
 
+import io
+
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +25,16 @@ def _plt():
 
 
 def _save(fig, out: "str | Path", dpi: int, tight: bool = True) -> Path:
-    """Write the figure (tight_layout, or a tight bounding box where the layout is a gridspec) and close it."""
+    """Write the figure (tight_layout, or a tight bounding box where the layout is a gridspec) atomically, as
+    every output of calofast (never over anything but a regular file), and close it."""
+    from .checkpoint import atomic_write_bytes
     out = Path(out)
     if tight:
         fig.tight_layout()
-    fig.savefig(out, dpi=dpi, **({} if tight else {"bbox_inches": "tight"}))
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format=out.suffix.lstrip(".").lower() or "png", **({} if tight else {"bbox_inches": "tight"}))
     _plt().close(fig)
+    atomic_write_bytes(out, buf.getvalue())
     return out
 
 
