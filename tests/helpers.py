@@ -26,3 +26,15 @@ def tiny_data(folder: Path, n: int = 512, seed: int = 0) -> Path:
         showers[rng.random(showers.shape) < 0.1] = 0
         write_showers(path, e, np.clip(showers, 0, None))
     return path
+
+
+def awake_transformer(depth: int):
+    """A small patch transformer on the tiny grid with random weights everywhere (adaLN-Zero would start it as
+    the identity), in eval mode."""
+    import torch
+    from calofast.nn import Transformer3D
+    torch.manual_seed(0)
+    net = Transformer3D((3, 4, 3), (1, 2, 3), width=16, depth=depth, heads=2, emb_dim=16, cond_dim=1).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return net

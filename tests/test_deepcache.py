@@ -9,18 +9,14 @@ from calofast.cli import main
 from calofast.config import apply_overrides, get_preset
 from calofast.deepcache import DeepCache, deep_cache, parse_deep_cache
 from calofast.generate import sample_batch
-from calofast.nn import Transformer3D, UNet3D
+from calofast.nn import UNet3D
 from calofast.train import train_model
 
-from helpers import tiny_data, tiny_xml
+from helpers import awake_transformer, tiny_data, tiny_xml
 
 
 def _net():
-    torch.manual_seed(0)
-    net = Transformer3D((3, 4, 3), (1, 2, 3), width=16, depth=4, heads=2, emb_dim=16, cond_dim=1).eval()
-    for p in net.parameters():                                   # adaLN-Zero starts as the identity: wake it up
-        torch.nn.init.normal_(p, std=0.2)
-    return net
+    return awake_transformer(4)
 
 
 def _call(n=5, seed=1):

@@ -55,6 +55,33 @@ def test_gflash_vs_gflash_is_at_the_noise_floor(files, reference):
     assert m["fpd"]["value"] < 2.5 * ref_halves["fpd"]["value"]
     assert json.loads((tmp / "same/metrics.json").read_text())["events"] == N
     assert (tmp / "same/report.html").stat().st_size > 50_000
+    # The report explains itself: a verdict, the meaning of each number, the AUC per energy decade.
+    page = (tmp / "same/report.html").read_text()
+    assert "Verdict: the classifiers can hardly tell" in page and "what it means" in page
+    assert "by incident energy" in page and "0.5: indistinguishable" in page
+    assert set(m["classifier_low"]["auc_by_energy"]) == {"1-10 GeV", "10-100 GeV", "100-1000 GeV"}
+
+
+def test_report_baseline_column_and_bad_baselines(files, tmp_path, capsys):
+    """A baseline (another evaluation's metrics.json) adds a column; a file that is not one is refused in one line."""
+    from calofast.report import load_baseline, verdict, write_report
+    tmp = files[0]
+    m = json.loads((tmp / "same/metrics.json").read_text())
+    (tmp_path / "r").mkdir()
+    for name in m.get("plots", {}).values():
+        (tmp_path / "r" / name).write_bytes((tmp / "same" / name).read_bytes())
+    base = dict(m, label="GFlash vs GFlash")
+    page = write_report(m, tmp_path / "r", base).read_text()
+    assert "baseline: GFlash vs GFlash" in page and page.count(f"{m['classifier_low']['auc']:.4f}") >= 2
+    assert verdict({"classifier_low": {"auc": 0.9}, "classifier_high": {"auc": 0.52}}).startswith(
+        "Verdict: a classifier tells them apart easily")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json: not a calofast metrics.json"):
+        load_baseline(bad)
+    assert main(["evaluate", "--generated", str(files[1]), "--reference", str(files[1]), "--baseline",
+                 str(tmp_path / "missing.json"), "-o", str(tmp_path / "ev")]) == 2
+    assert "missing.json: not a readable metrics.json" in capsys.readouterr().err
 
 
 def _half(files, path, k):

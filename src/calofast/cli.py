@@ -165,11 +165,10 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _with_cache(bundle, text: str | None):
-    """The bundle with --deep-cache applied (its main stage), or unchanged."""
-    from .deepcache import deep_cache, parse_deep_cache
-    spec = parse_deep_cache(text)
-    return deep_cache(bundle, *spec) if spec else bundle
+def _model_side(bundle, a: argparse.Namespace):
+    """The bundle with --deep-cache and --tome applied (its main stage), or unchanged."""
+    from .tome import model_side
+    return model_side(bundle, a.deep_cache, a.tome)
 
 
 def _graph_ok(wanted: bool, device: str) -> bool:
@@ -188,7 +187,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     _positive(batch_size=a.batch_size, steps=a.steps, n=a.n)
     _seed(a.seed)
-    bundle = _with_cache(load_bundle(a.model, device=_device(device)), a.deep_cache)
+    bundle = _model_side(load_bundle(a.model, device=_device(device)), a)
     energies, first = _energies(a, bundle), 0
     if shard is not None:
         events = shard_range(len(energies), *shard)
@@ -220,8 +219,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         raise ValueError(f"--classifiers {a.classifiers}: unknown {', '.join(bad)} (choose low, high or both)")
     if a.device:
         _device(a.device)
+    baseline = None
+    if a.baseline:
+        from .report import load_baseline
+        baseline = load_baseline(a.baseline)
     m = evaluate_files(a.generated, a.reference, geo, a.output, fast=a.fast, min_events=a.min_events,
-                       classifiers=classifiers, device=a.device, label=a.label or Path(a.generated).stem)
+                       classifiers=classifiers, device=a.device, label=a.label or "", baseline=baseline)
     for key in ("classifier_low", "classifier_high"):
         if key in m:
             print(f"{key}: AUC {m[key]['auc']:.4f}  JSD {m[key]['jsd']:.4f}")
@@ -247,7 +250,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         claim_output(Path(a.output), a.force)             # before the work, not after it
     if a.threads:
         torch.set_num_threads(a.threads)
-    bundle = _with_cache(load_bundle(a.model, device=_device(a.device)), a.deep_cache)
+    bundle = _model_side(load_bundle(a.model, device=_device(a.device)), a)
     if a.compile:
         from .generate import compile_network
         compile_network(bundle, bf16=a.dtype == "bf16")
@@ -298,8 +301,6 @@ def cmd_study(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     """GFlash truth -> shipped model through a few-step sampler -> CaloChallenge evaluation -> report."""
-    import numpy as np
-
     from .checkpoint import load_bundle
     from .data import read_energies
     from .evaluate import evaluate_files

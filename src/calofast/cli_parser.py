@@ -77,6 +77,9 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     gen.add_argument("--deep-cache", metavar="KEEP:INTERVAL",
                      help="DeepCache of a transformer stage: reuse the deep blocks' residual, recomputed every INTERVAL "
                      "calls (or KEEP:i,j,... at those calls); the first KEEP blocks always run")
+    gen.add_argument("--tome", metavar="RATIO", type=float,
+                     help="token merging in every block of a transformer main stage: merge this share of the tokens "
+                     "(0-0.5) around attention and MLP (inference only; 0: the plain network)")
     gen.add_argument("--force", action="store_true", help="overwrite the output")
     gen.add_argument("--shard", help="K/N: only events K*n/N .. (K+1)*n/N - 1 (a SLURM array); 'torchrun': one shard "
                      "per rank, written to OUTPUT.partRRRR-of-NNNN.h5; join with calofast merge (bit-identical to one run when "
@@ -108,7 +111,9 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
                     "(100,000 events for DS2 and DS3, 121,000 / 120,800 for DS1 photons / pions)")
     ev.add_argument("--classifiers", default="low,high", help="which classifier tests (low,high; empty: none)")
     ev.add_argument("--device", help="classifier device (default: cuda if available)")
-    ev.add_argument("--label", help="name in the report")
+    ev.add_argument("--label", help="name in the report (default: the model, sampler and steps the file records)")
+    ev.add_argument("--baseline", metavar="METRICS_JSON",
+                    help="another evaluation's metrics.json (e.g. GFlash against GFlash) shown beside these numbers")
     ev.add_argument("-o", "--output", required=True, help="report folder")
     ev.set_defaults(func=handlers["evaluate"])
 
@@ -126,6 +131,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     be.add_argument("--energy-sampler", metavar="NAME:STEPS", help="sampler of a factorised model's energy stage")
     be.add_argument("--cuda-graph", action="store_true", help="time the pipeline replayed from a CUDA graph (GPU)")
     be.add_argument("--deep-cache", metavar="KEEP:INTERVAL", help="DeepCache of a transformer stage (see generate)")
+    be.add_argument("--tome", metavar="RATIO", type=float, help="token merging of a transformer main stage (see generate)")
     be.add_argument("-o", "--output", help="write the table (.csv or .json)")
     be.add_argument("--force", action="store_true", help="overwrite the table")
     be.set_defaults(func=handlers["bench"])

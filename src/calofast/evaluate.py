@@ -7,9 +7,7 @@ tests, FPD/KPD on the high-level features, plots and a self-contained HTML repor
 """
 from __future__ import annotations
 
-import base64
 import datetime
-import html
 import json
 import logging
 import time
@@ -27,7 +25,7 @@ from .metrics.compare import separation_powers, voxel_bins
 from .metrics.features import FileFeatures, apply_threshold, file_features, high_level_vector
 from .metrics.fpd import fpd, kpd
 
-__all__ = ["evaluate_files", "prepare_reference", "Reference", "PROTOCOL_EVENTS", "write_report"]
+__all__ = ["evaluate_files", "prepare_reference", "Reference", "PROTOCOL_EVENTS"]
 
 log = logging.getLogger("calofast.evaluate")
 REFERENCE_COMMIT = "CaloChallenge/homepage@9b41df7"
@@ -76,8 +74,10 @@ def prepare_reference(path: "str | Path", geometry: Geometry, n: int | None = No
 def evaluate_files(generated: "str | Path", reference: "str | Path | Reference", geometry: Geometry,
                    out_dir: "str | Path", *, fast: bool = False, min_events: int | None = None,
                    classifiers: tuple[str, ...] = ("low", "high"), distances: bool = True, device: str | None = None,
-                   label: str = "", plots: bool = True, progress: bool = True) -> dict:
-    """Run the evaluation; write metrics.json (and plots, report.html) into out_dir; return the metrics."""
+                   label: str = "", plots: bool = True, progress: bool = True, baseline: dict | None = None) -> dict:
+    """Run the evaluation; write metrics.json (and plots, report.html) into out_dir; return the metrics.
+
+    `baseline`: another evaluation's metrics (e.g. GFlash against GFlash) shown beside these in the report."""
     generated, out_dir = Path(generated), Path(out_dir)
     ref_path = reference.path if isinstance(reference, Reference) else Path(reference)
     info_g, info_r = inspect_file(generated), inspect_file(ref_path)
@@ -125,7 +125,8 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
                      for k, f in (("reference", ff_r.features), ("generated", ff_g.features))},
         # How the file was made (calofast files: model, sampler, steps, seed, NFE per stage, clipped showers).
         "generation": {k: v for k, v in file_attrs(generated).items()
-                       if k in ("model", "sampler", "steps", "seed", "nfe", "clipped_showers")},
+                       if k in ("model", "sampler", "steps", "seed", "nfe", "clipped_showers", "early_sampler",
+                                "ms_per_shower", "device")},
     }
     hl_r, hl_g = reference.high_level, high_level_vector(ff_g.features)
     cfg = FAST if fast else FULL
@@ -170,51 +171,6 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
         lap("plots")
         atomic_write_bytes(out_dir / "metrics.json", json.dumps(metrics, indent=1).encode())
     if plots:
-        metrics["report"] = str(write_report(metrics, out_dir))
+        from .report import write_report
+        metrics["report"] = str(write_report(metrics, out_dir, baseline))
     return metrics
-
-
-def _img(path: Path) -> str:
-    return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" style="max-width:100%">'
-
-
-def write_report(metrics: dict, out_dir: Path) -> Path:
-    """One self-contained HTML page (images embedded as base64)."""
-    m = metrics
-    rows = []
-    for key, name in (("classifier_low", "classifier AUC, low-level (voxels)"), ("classifier_high", "classifier AUC, high-level")):
-        if key in m:
-            rows.append((name, f"{m[key]['auc']:.4f}  (JSD {m[key]['jsd']:.4f}; uncalibrated AUC {m[key]['auc_uncalibrated']:.4f})"))
-            by_e = m[key].get("auc_by_energy", {})
-            if by_e:
-                rows.append((f"{name} by incident energy", "; ".join(f"{k}: {v['auc']:.4f}" for k, v in by_e.items())))
-    for key in ("fpd", "kpd"):
-        if key in m:
-            rows.append((f"{key.upper()} x 10^3", f"{m[key]['x1e3']:.3f} &plusmn; {m[key]['error'] * 1e3:.3f}"))
-    sp = m["separation_power"]
-    rows.append(("separation power E_tot/E_inc", f"{sp['response']:.5f}"))
-    for k, v in sp.items():
-        if isinstance(v, dict):
-            rows.append((f"separation power {k} (mean over layers)", f"{v['mean']:.5f}"))
-    if "voxel_energy" in sp:
-        rows.append(("separation power voxel energy", f"{sp['voxel_energy']:.5f}"))
-    if "clipped_showers" in m.get("generation", {}):
-        rows.append(("clipped showers (generation)", str(m["generation"]["clipped_showers"])))
-    r = m["response"]
-    rows.append(("E_tot/E_inc mean (rms)", f"generated {r['generated']['mean']:.4f} ({r['generated']['std']:.4f}); "
-                 f"reference {r['reference']['mean']:.4f} ({r['reference']['std']:.4f})"))
-    table = "\n".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td></tr>" for a, b in rows)
-    imgs = "\n".join(f"<h2>{html.escape(k.replace('_', ' '))}</h2>{_img(out_dir / v)}" for k, v in m.get("plots", {}).items())
-    imgs += "".join(f"<p>plot <b>{html.escape(k)}</b> skipped: {html.escape(e)}</p>" for k, e in m.get("plot_errors", {}).items())
-    note = ("<p><b>Fast mode</b>: shortened classifier, numbers are for smoke runs only.</p>" if m.get("fast") else "")
-    page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>calofast evaluation {html.escape(m['label'])}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td{{padding:3px 12px;border-bottom:1px solid #ddd}}</style>
-</head><body><h1>calofast evaluation {html.escape(m['label'])}</h1>
-<p>generated: <code>{html.escape(m['generated'])}</code><br>reference: <code>{html.escape(m['reference'])}</code><br>
-geometry {html.escape(m['geometry'])}, {m['events']} events per file; definitions of {html.escape(m['protocol'])};
-calofast {html.escape(m['calofast_version'])}, {html.escape(m['created'])}</p>{note}
-<table>{table}</table>{imgs}</body></html>"""
-    path = out_dir / "report.html"
-    path.write_text(page)
-    return path
-

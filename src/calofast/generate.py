@@ -304,7 +304,10 @@ def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray
             clipped += int(bad.sum())
             writer.write(energies_mev[lo:hi], showers)
             bar.update(hi - lo)
-        writer.attrs.update({"nfe": json.dumps(nfe), "clipped_showers": clipped})
+        # Sampling time per shower (the writing excluded) and where: for the report's provenance, not a benchmark.
+        from .bench import hardware
+        writer.attrs.update({"nfe": json.dumps(nfe), "clipped_showers": clipped,
+                             "ms_per_shower": 1e3 * t_sampling / n, "device": hardware(device)})
     if clipped:
         log.warning("%d of %d showers had to be clipped (non-finite or above %.1f x E_inc)", clipped, n, MAX_RESPONSE)
     return GenerateStats(Path(output), n, name, n_steps, nfe, max(t_sampling, 1e-9), clipped)
@@ -341,7 +344,7 @@ def merge_files(parts: list["str | Path"], output: "str | Path", *, force: bool 
         if info.n_voxels != ref_info.n_voxels or any(attrs.get(k) != ref_attrs.get(k) for k in same):
             raise ShowerFileError(f"{path}: differs from {ref_path} in voxels or in {', '.join(same)}")
         nxt += info.n_events
-    keep = {k: v for k, v in ref_attrs.items() if k != "clipped_showers"}
+    keep = {k: v for k, v in ref_attrs.items() if k not in ("clipped_showers", "ms_per_shower", "device")}
     with ShowerWriter(output, ref_info.n_voxels, force=force, attrs=keep, compression_level=compression_level) as w:
         for _, _, path in infos:
             for e, s in iter_showers(path, 10_000, validate=False):

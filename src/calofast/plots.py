@@ -92,10 +92,12 @@ def _step_pair(ax_main, ax_ratio, h_r, h_g, edges, label, logx=False):
         ratio = np.where(d_r > 0, d_g / d_r, np.nan)
     ax_ratio.stairs(ratio, edges, color="tab:red")
     ax_ratio.axhline(1, color="k", lw=0.8)
-    ax_ratio.set_ylim(0.5, 1.5)
-    ax_ratio.set_xlabel(label, fontsize=8)
-    ax_main.tick_params(labelbottom=False, labelsize=7)
-    ax_ratio.tick_params(labelsize=7)
+    ax_ratio.set_ylim(0.5, 1.5)                # ratios outside are cut off (the report says so)
+    ax_ratio.set_xlabel(label, fontsize=9)
+    ax_main.set_ylabel("normalised entries", fontsize=8)
+    ax_ratio.set_ylabel("gen / ref", fontsize=8)
+    ax_main.tick_params(which="both", labelbottom=False, labelsize=8)
+    ax_ratio.tick_params(labelsize=8)
     if logx:
         ax_main.set_xscale("log")
         ax_ratio.set_xscale("log")
@@ -121,8 +123,8 @@ def plot_histograms(ref: FileFeatures, gen: FileFeatures, geometry: Geometry, vo
         for name in ("EC_eta", "EC_phi", "width_eta", "width_phi"):
             panels.append((f"{name} layer {lid} [mm]", fr[name][:, pick_a], fg[name][:, pick_a],
                            feature_bins(name, geometry, lid), False))
-    for name in ("EC_r", "width_r", "sparsity"):
-        panels.append((f"{name} layer {lid}", fr[name][:, j], fg[name][:, j], feature_bins(name, geometry, lid), False))
+    for name, unit in (("EC_r", " [mm]"), ("width_r", " [mm]"), ("sparsity", "")):
+        panels.append((f"{name} layer {lid}{unit}", fr[name][:, j], fg[name][:, j], feature_bins(name, geometry, lid), False))
     cols = 4
     rows = -(-(len(panels) + 1) // cols)
     fig = plt.figure(figsize=(4 * cols, 3.4 * rows))
@@ -135,7 +137,7 @@ def plot_histograms(ref: FileFeatures, gen: FileFeatures, geometry: Geometry, vo
         else:
             _hist_panel(ax, axr, a, b, edges, label, logx)
         if k == 0:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=8)
     fig.suptitle(f"{gen.path.name} vs {ref.path.name}", y=0.995)
     return _save(fig, out, dpi=90, tight=False)
 
@@ -160,7 +162,7 @@ def plot_mean_showers(ref: FileFeatures, gen: FileFeatures, geometry: Geometry, 
             ratio = np.where(a > vmin, b / a, np.nan)
         im = axes[row, 2].imshow(ratio.T, aspect="auto", origin="lower", cmap="RdBu_r", vmin=0.5, vmax=1.5)
         axes[row, 2].set(title="generated / reference", xlabel="layer", ylabel="radial bin")
-        fig.colorbar(im, ax=axes[row, 2])
+        fig.colorbar(im, ax=axes[row, 2], label="ratio (colours saturate at 0.5 and 1.5)")
     return _save(fig, out, dpi=90)
 
 

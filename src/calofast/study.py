@@ -82,7 +82,7 @@ def _check_folder(plan: Plan, out: Path) -> None:
 
 
 class _Models:
-    """Bundles loaded once per (model, compile, bf16, deep cache), compiled and warmed up at the row's batch size."""
+    """Bundles loaded once per (model, compile, bf16, deep cache, token merging), compiled and warmed up at the row's batch size."""
 
     def __init__(self, device: str):
         self.device, self.cache = device, {}
@@ -91,12 +91,10 @@ class _Models:
         import torch
         from .checkpoint import load_bundle
         from .generate import compile_network, sample_batch
-        from .deepcache import deep_cache, parse_deep_cache
-        key = (row.model, row.compile and self.device.startswith("cuda"), self.bf16(row), row.deep_cache)
+        from .tome import model_side
+        key = (row.model, row.compile and self.device.startswith("cuda"), self.bf16(row), row.deep_cache, row.tome)
         if key not in self.cache:
-            bundle = load_bundle(row.model, self.device)
-            if spec := parse_deep_cache(row.deep_cache):
-                deep_cache(bundle, *spec)
+            bundle = model_side(load_bundle(row.model, self.device), row.deep_cache, row.tome)
             if key[1]:
                 compile_network(bundle, bf16=key[2])
             self.cache[key] = (bundle, set())
@@ -142,7 +140,7 @@ def generate_row(row: Row, d: Path, energies: np.ndarray, models: _Models, chunk
                "sampler": attrs.get("sampler"), "steps": attrs.get("steps"), "nfe": json.loads(attrs["nfe"]),
                "clipped": int(attrs["clipped_showers"]), "device": hardware(torch.device(models.device)),
                "dtype": "bf16" if models.bf16(row) else "fp32", "compiled": row.compile and models.device.startswith("cuda"),
-               "cuda_graph": graph, "energy_sampler": row.energy_sampler, "deep_cache": row.deep_cache}
+               "cuda_graph": graph, "energy_sampler": row.energy_sampler, "deep_cache": row.deep_cache, "tome": row.tome}
         if repeats:
             t = bench(bundle, rec["sampler"], rec["steps"], batch_sizes=(min(row.batch_size, n),), repeats=repeats,
                       bf16=models.bf16(row), knobs=row.knobs or None, early=early, cuda_graph=graph)[0]

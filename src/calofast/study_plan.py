@@ -10,8 +10,8 @@ __all__ = ["Row", "Plan", "load_plan", "select", "FLOOR"]
 
 FLOOR = "gflash-floor"
 _ROW_KEYS = {"label", "model", "sampler", "steps", "knobs", "family", "seed", "batch_size", "dtype", "compile",
-             "energy_sampler", "cuda_graph", "deep_cache"}
-_NEW_KEYS = ("energy_sampler", "cuda_graph", "deep_cache")   # left out of a row's identity when unset (older folders)
+             "energy_sampler", "cuda_graph", "deep_cache", "tome"}
+_NEW_KEYS = ("energy_sampler", "cuda_graph", "deep_cache", "tome")   # left out of a row's identity when unset (older folders)
 _TOP_KEYS = {"name", "geometry", "reference", "defaults", "rows", "chunk", "timing_repeats"}
 _REF_KEYS = {"file", "gflash_seed", "energies", "n", "floor_seed"}
 
@@ -31,6 +31,7 @@ class Row:
     energy_sampler: str = ""     # NAME:STEPS for a factorised model's energy stage ("": the bundle's own)
     cuda_graph: bool = False     # generate and time from CUDA graphs (CUDA only)
     deep_cache: str = ""         # KEEP:INTERVAL or KEEP:i,j,... (DeepCache of a transformer main stage)
+    tome: float = 0.0            # token-merging ratio of a transformer main stage (0: none)
 
     def spec(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "family" and not (k in _NEW_KEYS and not v)}
@@ -103,12 +104,15 @@ def load_plan(path: "str | Path") -> Plan:
                 raise _fail(path, f"{where}: {err}") from None
         from .deepcache import parse_deep_cache
         from .generate import parse_stage_sampler
-        for key, parse in (("energy_sampler", parse_stage_sampler), ("deep_cache", parse_deep_cache)):
+        from .tome import parse_tome
+        for key, parse in (("energy_sampler", parse_stage_sampler), ("deep_cache", parse_deep_cache), ("tome", parse_tome)):
             if merged.get(key):
                 try:
                     parse(merged[key], key)
                 except ValueError as err:
                     raise _fail(path, f"{where}: {err}") from None
+        if "tome" in merged:
+            merged["tome"] = parse_tome(merged["tome"])        # one spelling of a ratio: one row identity
         rows.append(Row(**merged))
     if not rows:
         raise _fail(path, "no [[rows]]")

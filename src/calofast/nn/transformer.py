@@ -36,13 +36,21 @@ class _Block(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        s1, b1, g1, s2, b2, g2 = self.ada(emb)[:, None, :].chunk(6, dim=2)
-        B, N, C = x.shape
-        h = self.norm1(x) * (1 + s1) + b1
+    def _attention(self, h: torch.Tensor) -> torch.Tensor:
+        B, N, C = h.shape
         q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
-        x = x + g1 * self.proj(h)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, tome: float = 0.0) -> torch.Tensor:
+        """`tome` > 0: token merging (`calofast.tome`) of that fraction of the tokens around attention and MLP."""
+        s1, b1, g1, s2, b2, g2 = self.ada(emb)[:, None, :].chunk(6, dim=2)
+        h = self.norm1(x) * (1 + s1) + b1
+        if tome > 0:
+            from ..tome import bipartite_merge
+            merge, unmerge = bipartite_merge(h, int(tome * h.shape[1]))
+            x = x + g1 * unmerge(self._attention(merge(h)))
+            return x + g2 * unmerge(self.mlp(merge(self.norm2(x) * (1 + s2) + b2)))
+        x = x + g1 * self._attention(h)
         return x + g2 * self.mlp(self.norm2(x) * (1 + s2) + b2)
 
 
@@ -78,6 +86,7 @@ class Transformer3D(nn.Module):
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Linear(emb_dim, 2 * width)
         self.head = nn.Linear(width, p_vol)
+        self.tome = 0.0                 # token-merging ratio at inference (`calofast.tome`); not part of the weights
         for layer in (self.ada, self.head):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -115,7 +124,7 @@ class Transformer3D(nn.Module):
 
     def blocks_range(self, h: torch.Tensor, emb: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         for block in self.blocks[start:stop]:
-            h = block(h, emb)
+            h = block(h, emb, self.tome)
         return h
 
     def output(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
