@@ -5,7 +5,6 @@ Every function writes one PNG and returns its path.
 from __future__ import annotations
 
 import io
-
 from pathlib import Path
 
 import numpy as np

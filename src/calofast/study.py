@@ -82,7 +82,8 @@ def _check_folder(plan: Plan, out: Path) -> None:
 
 
 class _Models:
-    """Bundles loaded once per (model, compile, bf16, deep cache, token merging), compiled and warmed up at the row's batch size."""
+    """Bundles loaded once per (model, compile, bf16, deep cache, token merging), compiled and warmed up at the
+    row's batch size."""
 
     def __init__(self, device: str):
         self.device, self.cache = device, {}

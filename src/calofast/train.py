@@ -14,12 +14,12 @@ RUN/energy, then its shape stage in RUN/shape) -> bundle.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
 import os
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -257,7 +257,8 @@ def load_training_data(path: "str | Path", transform: ShowerTransform, max_event
 
 
 def _training_only(diffusion: DiffusionConfig) -> DiffusionConfig:
-    """The diffusion config less its training distribution of sigma (p_mean, p_std), which weights mean nothing of."""
+    """The diffusion config with its training distribution of sigma (p_mean, p_std) left out: weights do not
+    depend on it, so a continued run may change it."""
     return dataclasses.replace(diffusion, p_mean=0.0, p_std=1.0)
 
 

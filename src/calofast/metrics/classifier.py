@@ -196,9 +196,9 @@ def classifier_test(x_gen: np.ndarray, x_ref: np.ndarray, cfg: ClassifierConfig 
         return float((math.log(2) - bce) / math.log(2))
 
     result = {"auc": roc_auc(y_val, calibrated), "jsd": jsd(calibrated),
-            "auc_uncalibrated": roc_auc(y_val, p_val), "jsd_uncalibrated": jsd(p_val),
-            "best_test_accuracy": best_acc, "epochs_run": epochs_run,
-            "n_train": int(len(x_tr)), "n_val": int(len(y_val)), "config": asdict(cfg), "device": str(device)}
+              "auc_uncalibrated": roc_auc(y_val, p_val), "jsd_uncalibrated": jsd(p_val),
+              "best_test_accuracy": best_acc, "epochs_run": epochs_run,
+              "n_train": int(len(x_tr)), "n_val": int(len(y_val)), "config": asdict(cfg), "device": str(device)}
     if groups is not None:
         by_group = {}
         for g in np.unique(val_groups):
