@@ -275,6 +275,22 @@ def cmd_set_sampler(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(a: argparse.Namespace) -> int:
+    from .checkpoint import load_bundle
+    from .data import claim_output
+    from .prune import check_keep, prune_bundle
+    _positive(batches=a.batches, batch_size=a.batch_size)
+    check_keep(a.keep)
+    claim_output(Path(a.output), a.force)             # before the work, not after it
+    bundle = load_bundle(a.model, device=_device(a.device))
+    before = sum(p.numel() for p in bundle.denoiser.parameters())
+    out = prune_bundle(bundle, a.data, a.output, a.keep, batches=a.batches, batch_size=a.batch_size)
+    after = sum(p.numel() for p in load_bundle(out).denoiser.parameters())
+    print(f"wrote {out}: main stage {before:,} -> {after:,} parameters; fine-tune it with "
+          f"calofast train --init {out} --data {a.data} -o RUN")
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from .checkpoint import load_bundle
     from .export import export_onnx, export_torchscript
@@ -340,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser({"gflash": cmd_gflash, "info": cmd_info, "train": cmd_train, "generate": cmd_generate,
                    "distill": cmd_distill, "evaluate": cmd_evaluate, "bench": cmd_bench,
                    "export": cmd_export, "merge": cmd_merge, "study": cmd_study, "demo": cmd_demo,
-                   "set-sampler": cmd_set_sampler})
+                   "set-sampler": cmd_set_sampler, "prune": cmd_prune})
 
 
 def main(argv: list[str] | None = None) -> int:

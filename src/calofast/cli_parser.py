@@ -187,6 +187,20 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     ss.add_argument("-o", "--output", required=True)
     ss.set_defaults(func=handlers["set-sampler"])
 
+    pr = sub.add_parser("prune", help="structural pruning of a transformer main stage (Taylor importance)",
+                        description="Cut every block's MLP of the main stage to its most important hidden channels "
+                        "(first-order Taylor importance from the stage's denoising loss on DATA, Diff-Pruning) and "
+                        "write an ordinary, smaller bundle; fine-tune it with calofast train --init PRUNED.")
+    pr.add_argument("--model", required=True, help=model_help)
+    pr.add_argument("--data", required=True, help="training showers (CaloChallenge HDF5) for the importance")
+    pr.add_argument("--keep", type=float, required=True, help="share of MLP channels kept, in (0, 1], e.g. 0.5")
+    pr.add_argument("--batches", type=int, default=32, help="batches of gradients accumulated (default 32)")
+    pr.add_argument("--batch-size", type=int, default=256, help="showers per batch (default 256)")
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--force", action="store_true", help="overwrite the output")
+    pr.add_argument("-o", "--output", required=True)
+    pr.set_defaults(func=handlers["prune"])
+
     d = sub.add_parser("demo", help="the main job: GFlash truth, shipped model, evaluation report",
                        description="Simulate fresh GFlash DS2 truth, generate the same events with a shipped model "
                        "through a few-step sampler, evaluate them with the CaloChallenge protocol and print the "

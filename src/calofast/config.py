@@ -32,6 +32,7 @@ class NetworkConfig:
     width: int = 192                                # transformer: token width; mlp: residual width
     depth: int = 6                                  # transformer, mlp: blocks
     layer_cond: bool = False                        # transformer: per-token embedding of its layers' energies
+    mlp_hidden: int = 0                             # transformer: MLP hidden width per block (0: 4 x width; pruning sets it)
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,7 @@ _RULES = [
     ("warmup_showers", lambda v: v >= 0, ">= 0"), ("ema_halflife_showers", lambda v: v >= 1, "at least 1"),
     ("heads", lambda v: v >= 1, "at least 1"), ("width", lambda v: v >= 1, "at least 1"),
     ("depth", lambda v: v >= 1, "at least 1"), ("emb_dim", lambda v: v >= 1, "at least 1"),
+    ("mlp_hidden", lambda v: v >= 0, ">= 0 (0: 4 x width)"),
     ("timesteps", lambda v: 2 <= v <= 100_000, "between 2 and 100,000"),
     ("sigma_min", lambda v: math.isfinite(v) and v > 0, "finite and > 0"),
     ("sigma_max", lambda v: math.isfinite(v) and v > 0, "finite and > 0"),

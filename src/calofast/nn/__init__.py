@@ -23,5 +23,5 @@ def build_network(cfg: NetworkConfig, geometry: Geometry, cond_dim: int = 1,
         return UNet3D(cfg.channels, cfg.blocks, cfg.attention_levels, cfg.heads, cfg.emb_dim, cond_dim, cfg.dropout)
     if cfg.arch == "transformer":
         return Transformer3D(geometry.grid_shape, cfg.patch, cfg.width, cfg.depth, cfg.heads, cfg.emb_dim, cond_dim,
-                             cfg.layer_cond)
+                             cfg.layer_cond, cfg.mlp_hidden)
     raise ValueError(f"unknown network architecture {cfg.arch!r}")

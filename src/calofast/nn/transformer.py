@@ -23,14 +23,14 @@ __all__ = ["Transformer3D"]
 
 
 class _Block(nn.Module):
-    def __init__(self, width: int, heads: int, emb_dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, heads: int, emb_dim: int, mlp_hidden: int = 0):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        hidden = int(width * mlp_ratio)
+        hidden = mlp_hidden or 4 * width
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         self.ada = nn.Linear(emb_dim, 6 * width)
         nn.init.zeros_(self.ada.weight)
@@ -65,10 +65,13 @@ class Transformer3D(nn.Module):
         heads: attention heads.
         emb_dim: width of the noise/condition embedding.
         cond_dim: length of the condition vector.
+        layer_cond: each token also embeds the per-layer values (the last L entries of cond) of its layers.
+        mlp_hidden: hidden width of each block's MLP (0: 4 x width; a pruned network has fewer).
     """
 
     def __init__(self, grid: tuple[int, int, int], patch: tuple[int, int, int] = (3, 4, 3), width: int = 192,
-                 depth: int = 6, heads: int = 6, emb_dim: int = 192, cond_dim: int = 1, layer_cond: bool = False):
+                 depth: int = 6, heads: int = 6, emb_dim: int = 192, cond_dim: int = 1, layer_cond: bool = False,
+                 mlp_hidden: int = 0):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} does not split into {heads} heads")
@@ -82,7 +85,7 @@ class Transformer3D(nn.Module):
         self.embed = nn.Linear(p_vol, width)
         self.pos = nn.ParameterList([nn.Parameter(torch.randn(n, width) * 0.02) for n in self.tokens])
         self.layer_embed = nn.Linear(patch[0], width) if layer_cond else None
-        self.blocks = nn.ModuleList([_Block(width, heads, emb_dim) for _ in range(depth)])
+        self.blocks = nn.ModuleList([_Block(width, heads, emb_dim, mlp_hidden) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Linear(emb_dim, 2 * width)
         self.head = nn.Linear(width, p_vol)
