@@ -138,6 +138,24 @@ def test_info_prints_summary_and_plot(tmp_path, capsys):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_demo_summarises_its_truth_and_can_run_again(tmp_path, monkeypatch, capsys):
+    """The demo's first steps (truth, its summary plot) run, twice into the same folder; the sampling after them is
+    cut short here (the whole demo is the README's main job)."""
+    import calofast.checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+    monkeypatch.setattr(calofast.checkpoint, "load_bundle", stop)
+    for _ in range(2):
+        with pytest.raises(Stop):
+            main(["demo", "--n", "20", "-o", str(tmp_path / "demo")])
+        assert (tmp_path / "demo/ds2_gflash_truth.png").read_bytes()[:4] == b"\x89PNG"
+    assert "E_tot/E_inc" in capsys.readouterr().out
+
+
 def test_help_names_shipped_models_and_the_protocol_sizes(capsys):
     from calofast.checkpoint import shipped_models
     from calofast.evaluate import PROTOCOL_EVENTS

@@ -332,7 +332,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if not truth.exists():
         write_gflash(truth, get_geometry("ds2"), a.n, "log-uniform:1GeV:1TeV", a.seed, chunk=1000,
                      workers=min(4, os.cpu_count() or 1))
-    cmd_info(argparse.Namespace(file=truth, geometry="ds2", max_events=None, plot=out / "ds2_gflash_truth.png"))
+    # The demo owns its folder: a re-run reuses the truth and replaces its own plot and outputs.
+    cmd_info(argparse.Namespace(file=truth, geometry="ds2", max_events=None, plot=out / "ds2_gflash_truth.png",
+                                force=True))
     bundle = load_bundle(a.model, device=a.device)
     energies = read_energies(truth)
     generated = out / f"generated_{Path(a.model).stem}.h5"
