@@ -84,6 +84,13 @@ def grain_stats(e: np.ndarray, s: np.ndarray, grid: tuple[int, int, int]) -> dic
     return out
 
 
+def _write(out: Path, result: dict) -> None:
+    """The results so far, replaced whole (a killed probe leaves the last complete file)."""
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--generated", required=True)
@@ -134,12 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "by_energy": {names[int(k)]: round(v["auc"], 4) for k, v in res["auc_by_group"].items()}}
         print(f"{name:18s} AUC {res['auc']:.4f}  " + "  ".join(f"{k}: {v}" for k, v in result["probes"][name]["by_energy"].items()),
               flush=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+        _write(out, result)
+    _write(out, result)
     return 0
 
 

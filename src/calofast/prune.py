@@ -35,7 +35,7 @@ def mlp_importance(denoiser: nn.Module, x0: torch.Tensor, cond: torch.Tensor, ba
     if not isinstance(net, Transformer3D):
         raise ValueError(f"pruning needs a transformer stage (this one is a {type(net).__name__})")
     g = torch.Generator(device=x0.device).manual_seed(seed)
-    params = [p for p in denoiser.parameters()]
+    params = list(denoiser.parameters())
     saved = [p.requires_grad for p in params]
     denoiser.train().requires_grad_(True)
     denoiser.zero_grad(set_to_none=True)

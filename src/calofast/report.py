@@ -14,13 +14,12 @@ __all__ = ["write_report", "verdict", "load_baseline"]
 MEANING = {
     "classifier_low": "A DNN trained to tell generated from reference showers, from every voxel (E_v / E_inc) and "
                       "log10 E_inc; AUC on held-out events after isotonic calibration. 0.5: indistinguishable; "
-                      "1: always told apart.",
+                      "1: always told apart. JSD = (ln 2 - BCE) / ln 2 of the calibrated classifier: 0 "
+                      "indistinguishable, 1 separable; the uncalibrated AUC is the raw network output's.",
     "classifier_high": "The same test on the CaloChallenge high-level features (layer energies, centres of energy "
                        "and widths per layer). 0.5: indistinguishable; 1: always told apart.",
     "by_energy": "The same classifier's AUC on the held-out events of each incident-energy decade: where the "
                  "difference is.",
-    "jsd": "JSD = (ln 2 - BCE) / ln 2 of the calibrated classifier: 0 indistinguishable, 1 separable. "
-           "Uncalibrated AUC: the raw network output's.",
     "fpd": "Frechet physics distance on the high-level features (Gaussian fits compared), extrapolated to "
            "infinite samples. Lower is better; two samples of the same distribution give about 0 plus a small "
            "finite-sample rest.",

@@ -80,8 +80,7 @@ def token_merging(bundle, ratio: float):
     net = den.net.net if isinstance(den.net, DeepCache) else den.net
     if not isinstance(net, Transformer3D):
         raise ValueError(f"--tome needs a transformer main stage (this one is a {type(net).__name__})")
-    net.tome = parse_tome(ratio)
-    getattr(den, "_bound", {}).clear()               # grid-bound copies (shortcut models) hold the old network
+    net.tome = parse_tome(ratio)                     # grid-bound copies (shortcut models) share this network
     return bundle
 
 
@@ -91,6 +90,6 @@ def model_side(bundle, deep_cache: str | None = None, tome: "float | str | None"
     from .deepcache import deep_cache as apply_cache, parse_deep_cache
     if spec := parse_deep_cache(deep_cache):
         apply_cache(bundle, *spec)
-    if parse_tome(tome):
-        token_merging(bundle, parse_tome(tome))
+    if ratio := parse_tome(tome):
+        token_merging(bundle, ratio)
     return bundle
