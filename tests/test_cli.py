@@ -71,6 +71,9 @@ def test_force_never_replaces_a_non_regular_file(tmp_path, capsys):
     (["gflash", "--energies", "fixed:10MeV", "--n", "3", "-o", "z.h5"], "below the GFlash domain"),
     # issue 17, false success and garbage-making values: refused before any work, the option named
     (["gflash", "--n", "3", "--chunk", "-1", "-o", "z.h5"], "--chunk -1"),
+    (["gflash", "--n", "3", "--energies", "", "-o", "z.h5"], "--energies ''"),
+    (["generate", "--model", "ds2-shortcut", "--n", "3", "--energies", "", "-o", "z.h5"], "--energies ''"),
+    (["generate", "--model", "ds2-shortcut", "--n", "3", "--energies", "foo", "-o", "z.h5"], "--energies 'foo'"),
     (["gflash", "--n", "0", "-o", "z.h5"], "--n 0"),
     (["gflash", "--n", "3", "--workers", "0", "-o", "z.h5"], "--workers 0"),
     (["gflash", "--n", "3", "--seed", str(2 ** 64), "-o", "z.h5"], "must be in [0, 2^63)"),

@@ -138,8 +138,10 @@ def test_cli_export(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert main(["export", "--model", str(MODELS / "ds2-shortcut.safetensors"), "--steps", "1", "-o", str(out)]) == 0
     assert out.exists() and out.with_suffix(".json").exists()
+    assert "tracing the unrolled sampler (energy: dpmpp-2m 16 steps, shape: euler 1 step) into ONNX" in capsys.readouterr().err
     assert main(["export", "--model", str(MODELS / "ds2-shortcut.safetensors"), "--steps", "1", "-o", str(out)]) == 2
-    assert "refusing to overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "refusing to overwrite" in err and "tracing" not in err     # refused before any work
 
 
 def test_export_refuses_bad_targets_before_any_work(student, tmp_path, capsys):
@@ -176,7 +178,8 @@ def test_export_on_a_full_disk_leaves_nothing_behind(tmp_path, monkeypatch, caps
     out.write_bytes(b"old")
     assert main(["export", "--model", str(MODELS / "ds2-shortcut.safetensors"), "--steps", "1", "--force", "-o",
                  str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    progress, *err = capsys.readouterr().err.strip().splitlines()     # the "tracing ..." line, then the error
+    assert progress.startswith("tracing the unrolled sampler")
     assert len(err) == 1 and "m.onnx: cannot write it (No space left on device)" in err[0]
     assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 

@@ -34,6 +34,23 @@ def test_generate_each_sampler(tmp_path, bundle_path, capsys, sampler, steps, nf
     assert e.min() >= 1e3 and e.max() <= 1e5
 
 
+def test_progress_reports_every_network_call_within_a_batch(tmp_path, bundle_path, capsys, monkeypatch):
+    """Long batches are not silent: each network call is reported (stage, NFE so far), and the generate bar
+    shows which batch, stage and NFE it is at (issue 18: a teacher batch sat at 0 % for minutes)."""
+    import calofast.generate as gen
+    calls = []
+    bundle = load_bundle(bundle_path)
+    _, nfe, _ = sample_batch(bundle, torch.full((3,), 1e4), 0, range(3), sampler="heun", steps=4,
+                             on_call=lambda stage, k: calls.append((stage, k)))
+    for stage, total in nfe.items():
+        assert [k for s, k in calls if s == stage] == list(range(1, total + 1))
+    monkeypatch.setattr(gen, "PROGRESS_INTERVAL_S", 0.0)
+    assert main(["generate", "--model", str(bundle_path), "--sampler", "euler", "--steps", "6", "--n", "5",
+                 "--batch-size", "2", "-o", str(tmp_path / "p.h5")]) == 0
+    err = capsys.readouterr().err
+    assert "batch 3/3:" in err and "NFE 6" in err
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m-sde"])
 def test_batch_size_independence_through_cli(tmp_path, bundle_path, sampler):
     outs = []

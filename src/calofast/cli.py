@@ -56,6 +56,7 @@ def cmd_gflash(a: argparse.Namespace) -> int:
     if a.summary:                      # the plot beside the file follows the file's rule, checked before any work
         from .data import claim_output
         claim_output(Path(a.output).with_suffix(".png"), a.force)
+    _spectrum(a.energies)
     path = write_gflash(a.output, geo, a.n, a.energies, a.seed, chunk=a.chunk, force=a.force,
                         config=GFlashConfig(c_s=a.c_s, substeps=a.substeps), workers=a.workers,
                         compression_level=0 if a.no_compress else 4)
@@ -133,16 +134,24 @@ def cmd_distill(a: argparse.Namespace) -> int:
     return 0
 
 
+def _spectrum(text: str):
+    """--energies parsed, its errors naming the option (an empty value is an error, not the default)."""
+    from .energies import parse_spectrum
+    try:
+        return parse_spectrum(text)
+    except ValueError as e:
+        raise ValueError(f"--energies {text!r}: {e}") from None
+
+
 def _energies(a: argparse.Namespace, bundle):
     import numpy as np
     from .data import read_energies
-    from .energies import parse_spectrum
     if a.energies_from:
         return read_energies(a.energies_from, stop=a.n)
     if a.n is None:
         raise ValueError("--n is required unless --energies-from gives the events")
-    if a.energies:
-        return parse_spectrum(a.energies).sample(a.seed, range(a.n))
+    if a.energies is not None:
+        return _spectrum(a.energies).sample(a.seed, range(a.n))
     lo, hi = bundle.transform.energy_range
     return np.exp(np.log(lo) + np.random.default_rng(a.seed).random(a.n) * np.log(hi / lo))
 
@@ -296,10 +305,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .export import export_onnx, export_torchscript
     bundle = load_bundle(a.model)
     if a.format == "torchscript":
-        path = export_torchscript(bundle, a.output, sampler=a.sampler, steps=a.steps, force=a.force)
+        path = export_torchscript(bundle, a.output, sampler=a.sampler, steps=a.steps, force=a.force, progress=True)
     else:
         path = export_onnx(bundle, a.output, sampler=a.sampler, steps=a.steps, flavour=a.flavour,
-                           par04_energy_scale=a.par04_energy_scale, force=a.force)
+                           par04_energy_scale=a.par04_energy_scale, force=a.force, progress=True)
     print(f"wrote {path}" + ("" if a.format == "torchscript" else f" and {Path(path).with_suffix('.json')}"))
     return 0
 

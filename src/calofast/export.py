@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -131,9 +132,19 @@ def _claim(paths: list[Path], force: bool) -> None:
     paths[0].parent.mkdir(parents=True, exist_ok=True)
 
 
+def _announce(bundle: Bundle, plan, what: str, progress: bool) -> None:
+    if progress:
+        stages = ", ".join(f"{stage.name}: {name} {steps} step{'s' if steps != 1 else ''}"
+                           for stage, (name, steps, _) in zip(bundle.stages, plan))
+        print(f"tracing the unrolled sampler ({stages}) into {what}: every network call is traced once, "
+              "so a many-step teacher takes minutes", file=sys.stderr, flush=True)
+
+
 def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = None, steps: int | None = None,
-                flavour: Flavour = "reproducible", par04_energy_scale: float = 1.0, force: bool = False) -> Path:
-    """Write model.onnx and model.json (sidecar), each atomically; returns the ONNX path."""
+                flavour: Flavour = "reproducible", par04_energy_scale: float = 1.0, force: bool = False,
+                progress: bool = False) -> Path:
+    """Write model.onnx and model.json (sidecar), each atomically; returns the ONNX path. `progress`: say on
+    stderr what is being traced before the (for a many-step teacher, minutes-long) trace starts."""
     import onnx
 
     output = Path(output)
@@ -164,6 +175,7 @@ def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = N
               "par04_energy_scale": par04_energy_scale}
     else:
         raise ValueError(f"unknown flavour {flavour!r} (par04, reproducible)")
+    _announce(bundle, plan, "ONNX", progress)
     buf = BytesIO()
     with torch.no_grad(), _quiet_trace():
         torch.onnx.export(module, args, buf, input_names=names, output_names=outs, dynamic_axes=axes,
@@ -183,11 +195,13 @@ def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = N
 
 
 def export_torchscript(bundle: Bundle, output: "str | Path", *, sampler: str | None = None, steps: int | None = None,
-                       force: bool = False) -> Path:
+                       force: bool = False, progress: bool = False) -> Path:
     """Secondary path: a traced TorchScript module with the reproducible-flavour signature."""
     output = Path(output)
     _claim([output], force)
-    core = UnrolledSampler(bundle.to("cpu"), sampling_plan(bundle, sampler, steps)).eval()
+    plan = sampling_plan(bundle, sampler, steps)
+    core = UnrolledSampler(bundle.to("cpu"), plan).eval()
+    _announce(bundle, plan, "TorchScript", progress)
     with torch.no_grad(), _quiet_trace():
         traced = torch.jit.trace(core, (torch.full((2, 1), 1e4), torch.zeros(2, core.noise_size)))
     buf = BytesIO()

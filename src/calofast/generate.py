@@ -38,6 +38,7 @@ __all__ = ["make_sigmas", "sample_batch", "generate_file", "GenerateStats", "res
 
 
 MAX_STEPS = 10_000      # sampler steps beyond this are a typo, not a plan (a 4000-step table is the largest trained)
+PROGRESS_INTERVAL_S = 0.5  # the generate bar's within-batch note (batch, stage, NFE) is redrawn at most this often
 
 
 def _check_steps(steps: int, where: str = "steps") -> int:
@@ -173,18 +174,18 @@ def is_compiled(bundle: Bundle) -> bool:
 
 def sample_batch(bundle: Bundle, energies: torch.Tensor, seed: int, events, *, sampler: str | None = None,
                  steps: int | None = None, sigmas: torch.Tensor | None = None, bf16: bool = False,
-                 knobs: dict | None = None, early: tuple[str, int] | None = None
+                 knobs: dict | None = None, early: tuple[str, int] | None = None, on_call=None
                  ) -> tuple[torch.Tensor, dict[str, int], torch.Tensor]:
     """One batch: (showers [B, V] MeV float32 on the bundle's device, counted NFE per stage, clipped [B]).
 
     sampler/steps (and the sampler `knobs`) apply to the main stage and default to the bundle's own
     (distilled students), else DPM-Solver++(2M) with 20 steps; earlier stages use their own default, or
-    `early` = (sampler, steps)."""
+    `early` = (sampler, steps). `on_call(stage, nfe)`: called after each network evaluation (progress)."""
     device = next(bundle.denoiser.parameters()).device
     energies = torch.as_tensor(energies, dtype=torch.float64, device=device).reshape(-1)
     plan = bound_plan(bundle, sampling_plan(bundle, sampler, steps, sigmas, early))
     rng = EventRNG(seed, events, device, fused=is_compiled(bundle))
-    return run_stages(bundle, plan, energies, rng, bf16=bf16, knobs=knobs)
+    return run_stages(bundle, plan, energies, rng, bf16=bf16, knobs=knobs, on_call=on_call)
 
 
 def bound_plan(bundle: Bundle, plan: list[tuple[str, int, torch.Tensor]]) -> list[tuple[str, torch.Tensor, object]]:
@@ -201,11 +202,11 @@ def bound_plan(bundle: Bundle, plan: list[tuple[str, int, torch.Tensor]]) -> lis
 
 def run_stages(bundle: Bundle, plan: list[tuple[str, torch.Tensor, object]], energies: torch.Tensor, rng: EventRNG,
                *, bf16: bool = False, knobs: dict | None = None, autocast_cache: bool = True,
-               mark=None) -> tuple[torch.Tensor, dict[str, int], torch.Tensor]:
+               mark=None, on_call=None) -> tuple[torch.Tensor, dict[str, int], torch.Tensor]:
     """The GPU/CPU work of one batch: every stage's noise, sampler and condition, then the inverse transform.
     No host synchronisation, so a CUDA graph can capture it (`graphs.GraphedSampler`; autocast_cache off).
     `mark(phase)`, if given, is called after each phase ('condition STAGE', 'noise STAGE', 'sampler STAGE',
-    'decode'): the hook of `benchmarks/profile_pipeline.py`."""
+    'decode'): the hook of `benchmarks/profile_pipeline.py`; `on_call(stage, nfe)` after each network call."""
     device, mark = energies.device, mark or (lambda phase: None)
     xs, nfe = [], {}
     for k, (stage, (name, grid, denoiser)) in enumerate(zip(bundle.stages, plan)):
@@ -214,7 +215,7 @@ def run_stages(bundle: Bundle, plan: list[tuple[str, torch.Tensor, object]], ene
         noise = rng.randn(bundle.transform.stage_shapes[k])
         mark(f"noise {stage.name}")
         reset_caches(denoiser)
-        counted = CountingDenoiser(denoiser)
+        counted = CountingDenoiser(denoiser, on_call and (lambda n, s=stage.name: on_call(s, n)))
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16,
                                              cache_enabled=autocast_cache):
             x0 = SAMPLERS[name].fn(counted, noise, grid, cond, rng=rng, **((knobs or {}) if k == len(plan) - 1 else {}))
@@ -282,9 +283,16 @@ def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray
         attrs["early_sampler"] = f"{early[0]}:{early[1]}"
     args, graphs = dict(sampler=name, steps=n_steps, sigmas=sigmas, bf16=bf16, knobs=knobs, early=early), {}
 
+    n_batches, shown = -(-n // batch_size), [0.0]
+
+    def on_call(stage: str, k: int) -> None:   # within a batch: which stage, how many network calls so far
+        if time.monotonic() - shown[0] >= PROGRESS_INTERVAL_S:
+            shown[0] = time.monotonic()
+            bar.set_postfix_str(f"batch {lo // batch_size + 1}/{n_batches}: {stage} stage, NFE {k}")
+
     def run(e: torch.Tensor, events: range):
-        if not cuda_graph:
-            return sample_batch(bundle, e, seed, events, **args)
+        if not cuda_graph:   # a replayed CUDA graph makes no Python calls to report
+            return sample_batch(bundle, e, seed, events, **args, on_call=on_call if progress else None)
         if len(e) not in graphs:
             from .graphs import GraphedSampler
             graphs[len(e)] = GraphedSampler(bundle, len(e), **args)
