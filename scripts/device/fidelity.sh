@@ -4,7 +4,8 @@
 #             factorised model (preset ds2-factorised): energy stage E_S s, shape stage S_S s (compiled), fp16 bundle.
 #   ablation  equal-budget rows ROWS="abl-final abl-deq ..." (row_args below: one ingredient changed each), one
 #             after another, each ABL_S s of training alone on the GPU (eager, same data; factorised rows give ABL_E
-#             of it to the energy stage), then their study plan evaluated in the same call (FLOOR=1 adds the floor).
+#             of it to the energy stage), then their study plan evaluated in the same call (FLOOR=1 adds the floor);
+#             ABL_PAR=1 trains the rows at once, compiled, for ABL_S s of shared GPU each, and stops (then `rows`).
 #   shortcut  (few-step issue) a shortcut student of the shipped teacher (calofast distill shortcut; SC_INIT=.carry/
 #             ds2-shortcut.safetensors trains a carried one further), SC_S s compiled, fp16 bundle; ONLY=row,row then
 #             evaluates those rows of studies/ds2-shortcut.toml with it in the same call.
@@ -121,7 +122,9 @@ case "$PHASE" in
       run_study $W/ds2-shortcut.toml $(( ${DEADLINE:-570} - ($(date +%s) - t0) )) "$ONLY"
     fi
     ;;
-  ablation)     # ROWS (names below) trained one after another, ABL_S s each, then evaluated in the same call
+  ablation)     # ROWS (names below) trained one after another, ABL_S s each, then evaluated in the same call;
+                # ABL_PAR=1: all rows at once, compiled, sharing the GPU for ABL_S s (equal wall time and share),
+                # and not evaluated (the next call: RUNS="$ROWS" ... rows)
     data
     B=${ABL_S:-60}; E=${ABL_E:-12}; plan=$W/ablation-$(echo ${ROWS:-abl-final} | tr ' ' '+').toml
     row_args() {   # NAME -> preset, energy s, shape s, overrides: one ingredient changed from abl-final
@@ -136,10 +139,19 @@ case "$PHASE" in
         abl-vpv) echo "$f --set diffusion.param=v" ;;
         abl-globalstd) echo "$f --set transform.standardise=global" ;;
         abl-deq) echo "$f --set transform.dequantise=true" ;;
+        abl-lownoise) echo "$f --set diffusion.p_mean=-0.6 --set diffusion.p_std=1.2" ;;
         *) echo "unknown ablation row $1" >&2; exit 2 ;;
       esac
     }
     for name in ${ROWS:-abl-final}; do row_args $name > /dev/null || exit 2; done
+    if [ -n "${ABL_PAR:-}" ]; then
+      comp=true; [ -n "${SMOKE:-}" ] && comp=false
+      for name in ${ROWS:-abl-final}; do
+        [ -f $W/$name/model.safetensors ] || train_run $name $(row_args $name | cut -d' ' -f1-3) $comp $(row_args $name | cut -d' ' -f4-) &
+      done
+      wait; stamp "rows trained at once: evaluate them with RUNS=\"${ROWS:-abl-final}\" ... rows"
+      tar czf "$OUTABS/results-ablation.tgz" -C "$X" .; exit 0
+    fi
     for name in ${ROWS:-abl-final}; do
       [ -f $W/$name/model.safetensors ] || train_run $name $(row_args $name | cut -d' ' -f1-3) false $(row_args $name | cut -d' ' -f4-)
     done
