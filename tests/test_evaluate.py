@@ -120,6 +120,16 @@ def test_refuses_mismatched_files(files, tmp_path, capsys):
     assert "40500 voxels per shower, but geometry ds2 has 6480" in capsys.readouterr().err
     assert main(["evaluate", "--generated", str(a), "--reference", str(a), "-o", str(tmp_path / "r")]) == 2
     assert "the protocol needs 100000" in capsys.readouterr().err
+    # Without --geometry the reference's voxel count names it: a DS3 pair is evaluated as DS3, an unknown count is
+    # refused with the option to give
+    assert main(["evaluate", "--generated", str(ds3), "--reference", str(ds3), "-o", str(tmp_path / "r")]) == 2
+    assert "10 events and the protocol needs 100000" in capsys.readouterr().err
+    odd = tmp_path / "odd.h5"
+    with h5py.File(odd, "w") as f:
+        f["incident_energies"] = np.ones((10, 1)) * 1e3
+        f["showers"] = np.zeros((10, 77), np.float32)
+    assert main(["evaluate", "--generated", str(odd), "--reference", str(odd), "-o", str(tmp_path / "r")]) == 2
+    assert "no built-in geometry has 77 voxels" in (err := capsys.readouterr().err) and "give --geometry" in err
     e, s = read_showers(a)
     fewer = write_showers(tmp_path / "fewer.h5", e[:3000], s[:3000])
     assert main(["evaluate", "--generated", str(fewer), "--reference", str(a), "--min-events", "1000", "--fast",

@@ -221,8 +221,16 @@ def cmd_merge(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .data import inspect_file
     from .evaluate import evaluate_files
-    geo = _geometry(a.geometry)
+    if a.geometry:
+        geo = _geometry(a.geometry)
+    else:                   # the built-in geometry with the reference's voxel count
+        info = inspect_file(a.reference)
+        try:
+            geo = info.geometry()
+        except ValueError as e:
+            raise ValueError(f"{e}; give --geometry (a name or a binning XML)") from None
     classifiers = tuple(c for c in a.classifiers.split(",") if c) if a.classifiers else ()
     if bad := [c for c in classifiers if c not in ("low", "high")]:
         raise ValueError(f"--classifiers {a.classifiers}: unknown {', '.join(bad)} (choose low, high or both)")

@@ -105,7 +105,8 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
                         description="Features, separation powers, classifier AUCs, FPD/KPD, plots and report.html.")
     ev.add_argument("--generated", required=True)
     ev.add_argument("--reference", required=True)
-    ev.add_argument("--geometry", default="ds2")
+    ev.add_argument("--geometry", help="ds1-photons, ds1-pions, ds2, ds3 or a binning XML (default: the built-in "
+                    "geometry with the reference file's voxel count)")
     ev.add_argument("--fast", action="store_true", help="shortened classifier (smoke runs; not comparable)")
     ev.add_argument("--min-events", type=int, help="accept files smaller than the official protocol's size "
                     "(100,000 events for DS2 and DS3, 121,000 / 120,800 for DS1 photons / pions)")
