@@ -14,6 +14,8 @@
 #   continue  more training of the shipped model (train --init) into runs/device/$CONT (default cont); several
 #             continues with different CONT and SETS may run at once (start them after `data`)
 #   data      the training data alone (so that concurrent phases do not race for it)
+#   ds3       (DS3 issue) GFlash DS3 training data (N_DS3, default 100,000) and the ds3-factorised preset trained
+#             into runs/device/$CONT (default ds3), E_S + S_S s, compiled; evaluate it with RUNS=ds3 ... rows
 #   probe     (diagnostic) GFlash reference (seed 1001) and floor (seed 2002), 50,000 showers of MODEL (default the
 #             shipped teacher, DPM-Solver++(2M) 32) from the reference's energies, then scripts/classifier_probe.py
 #   rows      evaluate the bundles of finished runs RUNS="f0 f1" (runs/device/NAME/model.safetensors) with the full
@@ -48,7 +50,7 @@ data() {
 
 train_run() {   # train_run NAME PRESET ENERGY_S SHAPE_S COMPILE [--set ...]
   local name=$1 preset=$2 es=$3 ss=$4 comp=$5; shift 5
-  quiet cf train --data $W/train.h5 --preset "$preset" -o $W/$name --set train.showers=1000000000 \
+  quiet cf train --data ${DATA:-$W/train.h5} --preset "$preset" -o $W/$name --set train.showers=1000000000 \
     --set train.budget_seconds="$ss" --set energy.train.showers=1000000000 --set energy.train.budget_seconds="$es" \
     --set train.compile="$comp" --set train.bundle_dtype=fp16 --set train.checkpoint_showers=4000000 ${SMOKE_SET:-} "$@" \
     > $W/logs/$name.log 2>&1
@@ -89,6 +91,15 @@ case "$PHASE" in
     bring_back $W/main/model.safetensors ds2-factorised.safetensors
     ;;
   data) data; exit 0 ;;
+  ds3)          # (DS3 issue) GFlash DS3 training data (N_DS3 showers, default 100,000 = 16 GB float32, seed DATA_SEED),
+                # then the ds3-factorised preset (SETS may change it): energy stage E_S s, shape stage S_S s, compiled
+    n=${N_DS3:-100000}; comp=true; [ -n "${SMOKE:-}" ] && { n=600; comp=false; }
+    [ -f $W/train-ds3.h5 ] || quiet cf gflash --geometry ds3 --n $n --seed ${DATA_SEED:-7} \
+      --workers $(( $(nproc) > 1 ? $(nproc) - 1 : 1 )) --chunk 2000 --no-compress -o $W/train-ds3.h5
+    stamp "ds3 data ready ($n showers)"
+    DATA=$W/train-ds3.h5 train_run ${CONT:-ds3} ds3-factorised "${E_S:-30}" "${S_S:-400}" $comp ${SETS:-}
+    [ -z "${NO_BACK:-}" ] && bring_back $W/${CONT:-ds3}/model.safetensors ${CONT:-ds3}.safetensors
+    ;;
   continue)     # more training of the shipped model (train --init): fresh cosine, E_S s energy, S_S s shape;
                 # ONLY=row,row then evaluates those rows of studies/ds2-factorised.toml with the continued model
                 # STAGES=energy trains only that stage (SETS="--set energy.network.width=512" may change its network)
@@ -201,7 +212,7 @@ case "$PHASE" in
     [ -z "${SMOKE:-}" ] && for f in .carry/*.safetensors; do [ -f "$f" ] && cp "$f" src/calofast/models/; done
     run_study "${PLAN:-studies/ds2-factorised.toml}" "${DEADLINE:-520}" "${ONLY:-${SMOKE:+gflash-floor,dpmpp-2m-8}}"
     ;;
-  *) echo "usage: $0 data|train|continue|ablation|shortcut|speed|probe|rows|evaluate"; exit 2 ;;
+  *) echo "usage: $0 data|train|continue|ablation|shortcut|speed|probe|rows|evaluate|ds3"; exit 2 ;;
 esac
 tar czf "$OUTABS/results-$PHASE${CONT:+-$CONT}.tgz" -C "$X" .
 stamp "done"; ls -la "$OUTABS"
