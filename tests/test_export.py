@@ -138,7 +138,8 @@ def test_cli_export(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert main(["export", "--model", str(MODELS / "ds2-shortcut.safetensors"), "--steps", "1", "-o", str(out)]) == 0
     assert out.exists() and out.with_suffix(".json").exists()
-    assert "tracing the unrolled sampler (energy: dpmpp-2m 16 steps, shape: euler 1 step) into ONNX" in capsys.readouterr().err
+    traced = "tracing the unrolled sampler (energy: dpmpp-2m 16 steps, shape: euler 1 step) into ONNX"
+    assert traced in capsys.readouterr().err
     assert main(["export", "--model", str(MODELS / "ds2-shortcut.safetensors"), "--steps", "1", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "refusing to overwrite" in err and "tracing" not in err     # refused before any work
