@@ -38,7 +38,7 @@ __all__ = ["make_sigmas", "sample_batch", "generate_file", "GenerateStats", "res
 
 
 MAX_STEPS = 10_000      # sampler steps beyond this are a typo, not a plan (a 4000-step table is the largest trained)
-PROGRESS_INTERVAL_S = 0.5  # the generate bar's within-batch note (batch, stage, NFE) is redrawn at most this often
+PROGRESS_INTERVAL_S = 0.5  # the generate bar's within-batch note (batch, stage, call) is redrawn at most this often
 
 
 def _check_steps(steps: int, where: str = "steps") -> int:
@@ -180,7 +180,7 @@ def sample_batch(bundle: Bundle, energies: torch.Tensor, seed: int, events, *, s
 
     sampler/steps (and the sampler `knobs`) apply to the main stage and default to the bundle's own
     (distilled students), else DPM-Solver++(2M) with 20 steps; earlier stages use their own default, or
-    `early` = (sampler, steps). `on_call(stage, nfe)`: called after each network evaluation (progress)."""
+    `early` = (sampler, steps). `on_call(stage, nfe)`: called as each network evaluation starts (progress)."""
     device = next(bundle.denoiser.parameters()).device
     energies = torch.as_tensor(energies, dtype=torch.float64, device=device).reshape(-1)
     plan = bound_plan(bundle, sampling_plan(bundle, sampler, steps, sigmas, early))
@@ -206,7 +206,7 @@ def run_stages(bundle: Bundle, plan: list[tuple[str, torch.Tensor, object]], ene
     """The GPU/CPU work of one batch: every stage's noise, sampler and condition, then the inverse transform.
     No host synchronisation, so a CUDA graph can capture it (`graphs.GraphedSampler`; autocast_cache off).
     `mark(phase)`, if given, is called after each phase ('condition STAGE', 'noise STAGE', 'sampler STAGE',
-    'decode'): the hook of `benchmarks/profile_pipeline.py`; `on_call(stage, nfe)` after each network call."""
+    'decode'): the hook of `benchmarks/profile_pipeline.py`; `on_call(stage, nfe)` as each network call starts."""
     device, mark = energies.device, mark or (lambda phase: None)
     xs, nfe = [], {}
     for k, (stage, (name, grid, denoiser)) in enumerate(zip(bundle.stages, plan)):
@@ -283,12 +283,13 @@ def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray
         attrs["early_sampler"] = f"{early[0]}:{early[1]}"
     args, graphs = dict(sampler=name, steps=n_steps, sigmas=sigmas, bf16=bf16, knobs=knobs, early=early), {}
 
-    n_batches, shown = -(-n // batch_size), [0.0]
+    n_batches, shown = -(-n // batch_size), {"t": 0.0, "at": None}
 
-    def on_call(stage: str, k: int) -> None:   # within a batch: which stage, how many network calls so far
-        if time.monotonic() - shown[0] >= PROGRESS_INTERVAL_S:
-            shown[0] = time.monotonic()
-            bar.set_postfix_str(f"batch {lo // batch_size + 1}/{n_batches}: {stage} stage, NFE {k}")
+    def on_call(stage: str, k: int) -> None:   # within a batch: the network call now running (a new stage always)
+        at = (lo, stage)
+        if at != shown["at"] or time.monotonic() - shown["t"] >= PROGRESS_INTERVAL_S:
+            shown.update(t=time.monotonic(), at=at)
+            bar.set_postfix_str(f"batch {lo // batch_size + 1}/{n_batches}: {stage} stage, network call {k}")
 
     def run(e: torch.Tensor, events: range):
         if not cuda_graph:   # a replayed CUDA graph makes no Python calls to report

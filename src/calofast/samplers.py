@@ -34,7 +34,7 @@ __all__ = ["CountingDenoiser", "euler_step", "ddim_step", "ddpm_step", "heun_ste
 
 class CountingDenoiser:
     """Wraps a denoiser and counts its calls: the NFE that samplers report is measured, not computed.
-    `hook(nfe)`, if given, is called after each call (host side, no synchronisation: a progress display)."""
+    `hook(nfe)`, if given, is called as each call starts (host side, no synchronisation: a progress display)."""
 
     def __init__(self, denoiser, hook=None):
         self.denoiser, self.nfe, self.hook = denoiser, 0, hook
@@ -44,10 +44,9 @@ class CountingDenoiser:
 
     def __call__(self, x, sigma, cond):
         self.nfe += 1
-        out = self.denoiser(x, sigma, cond)
         if self.hook is not None:
             self.hook(self.nfe)
-        return out
+        return self.denoiser(x, sigma, cond)
 
 
 def _call(denoiser, x: torch.Tensor, sigma, cond: torch.Tensor) -> torch.Tensor:
