@@ -14,6 +14,8 @@
 #   continue  more training of the shipped model (train --init) into runs/device/$CONT (default cont); several
 #             continues with different CONT and SETS may run at once (start them after `data`)
 #   data      the training data alone (so that concurrent phases do not race for it)
+#   tvs       (study issue) T versus S: discrete-table runs RUNS="t400 t1000 t4000" (trained as ablation rows) with
+#             strided DDPM and DDIM at S = 200 and 50, in one study
 #   ds3       (DS3 issue) GFlash DS3 training data (N_DS3, default 100,000) and the ds3-factorised preset trained
 #             into runs/device/$CONT (default ds3), E_S + S_S s, compiled; evaluate it with RUNS=ds3 ... rows
 #   probe     (diagnostic) GFlash reference (seed 1001) and floor (seed 2002), 50,000 showers of MODEL (default the
@@ -151,6 +153,7 @@ case "$PHASE" in
         abl-globalstd) echo "$f --set transform.standardise=global" ;;
         abl-deq) echo "$f --set transform.dequantise=true" ;;
         abl-lownoise) echo "$f --set diffusion.p_mean=-0.6 --set diffusion.p_std=1.2" ;;
+        t400|t1000|t4000) echo "$f --set diffusion.param=v --set diffusion.timesteps=${1#t}" ;;   # T vs S (study issue)
         *) echo "unknown ablation row $1" >&2; exit 2 ;;
       esac
     }
@@ -189,6 +192,16 @@ case "$PHASE" in
     [ -n "${TT:-}" ] && timeout ${STEP_S:-120} python benchmarks/bench_teacher_targets.py 2>&1 | grep -v Warning | tee "$X/teacher_targets.txt"
     [ -n "${ONLY:-}" ] && run_study "${PLAN:-studies/ds2-shortcut.toml}" $(( ${DEADLINE:-560} - ($(date +%s) - t0) )) "$ONLY"
     ;;
+  tvs)          # (study issue) T versus S: the discrete-table runs RUNS="t400 t1000 t4000" (ablation rows) sampled
+                # with strided DDPM and DDIM at S = 200 and 50 (SAMPLINGS overrides), one study, full protocol
+    plan=$W/tvs-$(echo ${RUNS:?RUNS names the runs} | tr ' ' '+').toml
+    { echo "name = \"T versus S: runs $RUNS\""; echo 'timing_repeats = 0'; echo '[reference]'; echo "n = $N_REF"
+      echo 'gflash_seed = 1001'; echo '[defaults]'; echo 'batch_size = 10000'; [ -z "${SMOKE:-}" ] && echo 'compile = true'
+      for name in $RUNS; do for s in ${SAMPLINGS:-ddpm:200 ddpm:50 ddim:200 ddim:50}; do
+        echo '[[rows]]'; echo "label = \"$name-${s%:*}-${s#*:}\""; echo "model = \"$(cd $W/$name && pwd)/model.safetensors\""
+        echo "sampler = \"${s%:*}\""; echo "steps = ${s#*:}"; echo "family = \"$name\""; done; done; } > $plan
+    run_study $plan $(( ${DEADLINE:-560} - ($(date +%s) - t0) )) "${ONLY:-}"
+    ;;
   rows)
     plan=$W/rows-$(echo ${RUNS:?RUNS names the runs} | tr ' ' '+').toml
     rows_plan "runs $RUNS" $RUNS > $plan
@@ -212,7 +225,7 @@ case "$PHASE" in
     [ -z "${SMOKE:-}" ] && for f in .carry/*.safetensors; do [ -f "$f" ] && cp "$f" src/calofast/models/; done
     run_study "${PLAN:-studies/ds2-factorised.toml}" "${DEADLINE:-520}" "${ONLY:-${SMOKE:+gflash-floor,dpmpp-2m-8}}"
     ;;
-  *) echo "usage: $0 data|train|continue|ablation|shortcut|speed|probe|rows|evaluate|ds3"; exit 2 ;;
+  *) echo "usage: $0 data|train|continue|ablation|shortcut|speed|probe|rows|evaluate|ds3|tvs"; exit 2 ;;
 esac
 tar czf "$OUTABS/results-$PHASE${CONT:+-$CONT}.tgz" -C "$X" .
 stamp "done"; ls -la "$OUTABS"
