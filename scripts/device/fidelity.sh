@@ -75,15 +75,18 @@ run_study() {   # run_study PLAN DEADLINE_S [ONLY]: calofast study into W/study-
   cp $W/logs/study.log "$X/"
 }
 
-rows_plan() {   # rows_plan TITLE RUN...: a study plan of the runs' bundles at DPM-Solver++(2M) GEN_STEPS, compiled
-  local title=$1; shift
-  echo "name = \"$title: DPM-Solver++(2M) $GEN_STEPS steps\""; echo 'timing_repeats = 0'
+rows_plan() {   # rows_plan TITLE RUN...: a study plan of the runs' bundles at DPM-Solver++(2M) GEN_STEPS (rows RUN), or
+                # at each SAMPLER:STEPS of SAMPLINGS (rows RUN-SAMPLER-STEPS), compiled
+  local title=$1 s; shift
+  echo "name = \"$title: ${SAMPLINGS:-DPM-Solver++(2M) $GEN_STEPS steps}\""; echo 'timing_repeats = 0'
   echo '[reference]'; echo "n = $N_REF"; echo 'gflash_seed = 1001'; [ -n "${FLOOR:-}" ] && echo 'floor_seed = 2002'
   echo '[defaults]'; echo 'sampler = "dpmpp-2m"'; echo "steps = $GEN_STEPS"; echo 'batch_size = 10000'
   [ -z "${SMOKE:-}" ] && echo 'compile = true'
-  for name in "$@"; do
-    echo '[[rows]]'; echo "label = \"$name\""; echo "model = \"$(cd $W/$name && pwd)/model.safetensors\""; echo 'family = "ablation"'
-  done
+  for name in "$@"; do for s in ${SAMPLINGS:-default}; do
+    echo '[[rows]]'; echo "model = \"$(cd $W/$name && pwd)/model.safetensors\""
+    if [ "$s" = default ]; then echo "label = \"$name\""; echo 'family = "ablation"'
+    else echo "label = \"$name-${s%:*}-${s#*:}\""; echo "sampler = \"${s%:*}\""; echo "steps = ${s#*:}"; echo "family = \"$name\""; fi
+  done; done
 }
 
 case "$PHASE" in
@@ -158,17 +161,16 @@ case "$PHASE" in
       esac
     }
     for name in ${ROWS:-abl-final}; do row_args $name > /dev/null || exit 2; done
+    train_row() {  # train_row NAME COMPILE, unless it is trained already
+      [ -f $W/$1/model.safetensors ] || train_run $1 $(row_args $1 | cut -d' ' -f1-3) $2 $(row_args $1 | cut -d' ' -f4-)
+    }
     if [ -n "${ABL_PAR:-}" ]; then
       comp=true; [ -n "${SMOKE:-}" ] && comp=false
-      for name in ${ROWS:-abl-final}; do
-        [ -f $W/$name/model.safetensors ] || train_run $name $(row_args $name | cut -d' ' -f1-3) $comp $(row_args $name | cut -d' ' -f4-) &
-      done
+      for name in ${ROWS:-abl-final}; do train_row $name $comp & done
       wait; stamp "rows trained at once: evaluate them with RUNS=\"${ROWS:-abl-final}\" ... rows"
       tar czf "$OUTABS/results-ablation.tgz" -C "$X" .; exit 0
     fi
-    for name in ${ROWS:-abl-final}; do
-      [ -f $W/$name/model.safetensors ] || train_run $name $(row_args $name | cut -d' ' -f1-3) false $(row_args $name | cut -d' ' -f4-)
-    done
+    for name in ${ROWS:-abl-final}; do train_row $name false; done
     rows_plan "ablation at equal budget ($B s each)" ${ROWS:-abl-final} > $plan
     stamp "plan $plan"
     run_study $plan $(( ${DEADLINE:-565} - ($(date +%s) - t0) )) "${ONLY:-}"
@@ -195,11 +197,7 @@ case "$PHASE" in
   tvs)          # (study issue) T versus S: the discrete-table runs RUNS="t400 t1000 t4000" (ablation rows) sampled
                 # with strided DDPM and DDIM at S = 200 and 50 (SAMPLINGS overrides), one study, full protocol
     plan=$W/tvs-$(echo ${RUNS:?RUNS names the runs} | tr ' ' '+').toml
-    { echo "name = \"T versus S: runs $RUNS\""; echo 'timing_repeats = 0'; echo '[reference]'; echo "n = $N_REF"
-      echo 'gflash_seed = 1001'; echo '[defaults]'; echo 'batch_size = 10000'; [ -z "${SMOKE:-}" ] && echo 'compile = true'
-      for name in $RUNS; do for s in ${SAMPLINGS:-ddpm:200 ddpm:50 ddim:200 ddim:50}; do
-        echo '[[rows]]'; echo "label = \"$name-${s%:*}-${s#*:}\""; echo "model = \"$(cd $W/$name && pwd)/model.safetensors\""
-        echo "sampler = \"${s%:*}\""; echo "steps = ${s#*:}"; echo "family = \"$name\""; done; done; } > $plan
+    SAMPLINGS=${SAMPLINGS:-ddpm:200 ddpm:50 ddim:200 ddim:50} rows_plan "T versus S, runs $RUNS" $RUNS > $plan
     run_study $plan $(( ${DEADLINE:-560} - ($(date +%s) - t0) )) "${ONLY:-}"
     ;;
   rows)
