@@ -96,14 +96,34 @@ def test_study_resumes_after_a_kill_and_matches_one_run(tiny, tmp_path, monkeypa
     assert study(plan, out, fast=True) == 0
     assert (out / "rows/euler-3/eval/metrics.json").stat().st_mtime_ns == stamp
     changed = _plan(tmp_path, model, ref, [ROWS[0].replace("steps = 3", "steps = 5")], name="changed.toml")
-    (out / "rows/euler-3/eval/metrics.json").unlink()
-    with pytest.raises(ValueError, match="give it a new label"):
+    with pytest.raises(ValueError, match="give it a new label"):     # even though the row is finished
         study(changed, out, fast=True)
     # A row whose report was not kept (a table rebuilt from metrics alone) gets no dead link.
     from calofast.study_report import collect_rows, write_outputs
     (out / "rows/ddim-eta05-4/eval/report.html").unlink()
     write_outputs(out, collect_rows(out, ["ddim-eta05-4"]), "t")
     assert "ddim-eta05-4" in (out / "index.html").read_text() and "report.html" not in (out / "index.html").read_text()
+
+
+def test_a_row_resumes_only_with_the_same_weights(tiny, tmp_path):
+    """The row record holds the model file's sha256: new weights under the same path and label are refused, not
+    skipped as done (session 9 lost a call to that)."""
+    from calofast.checkpoint import file_sha256
+    from calofast.study import _row_dir
+    tmp, model, ref = tiny
+    weights = tmp_path / "m.safetensors"
+    weights.write_bytes(open(model, "rb").read())
+    row = load_plan(_plan(tmp_path, weights, ref, ROWS[:1])).rows[0]
+    d = _row_dir(tmp_path / "s", row)
+    assert json.loads((d / "row.json").read_text())["model_sha256"] == file_sha256(weights)
+    assert _row_dir(tmp_path / "s", row) == d                            # same weights: resumed
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))            # other weights, same path
+    with pytest.raises(ValueError, match="give it a new label"):
+        _row_dir(tmp_path / "s", row)
+    old = {k: v for k, v in json.loads((d / "row.json").read_text()).items() if k != "model_sha256"}
+    (d / "row.json").write_text(json.dumps(old))                         # a record from before the hash
+    assert _row_dir(tmp_path / "s", row) == d and "model_sha256" not in json.loads((d / "row.json").read_text())
 
 
 def test_deadline_leaves_rows_to_resume(tiny, tmp_path, capsys):

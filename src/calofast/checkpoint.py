@@ -250,18 +250,24 @@ def _stage_specs(meta: dict[str, str]) -> list[dict]:
     return [{**s, "prefix": f"{s['name']}.net."} for s in json.loads(meta["stages"])]
 
 
-def load_bundle(path: "str | Path", device: "str | torch.device" = "cpu") -> Bundle:
-    """Rebuild stages and transform from the file alone; strict loading, integrity checked.
-
-    `path` is a file, or the name of a shipped bundle (e.g. `ds2-factorised`)."""
-    from safetensors import safe_open
-
+def bundle_path(path: "str | Path") -> Path:
+    """The file of a bundle given by path or by a shipped bundle's name (e.g. `ds2-factorised`)."""
     path = Path(path)
     shipped = SHIPPED / f"{path.name.removesuffix('.safetensors')}.safetensors"
     if not path.is_file() and len(path.parts) == 1 and shipped.is_file():
         path = shipped
     if not path.is_file():
         raise ValueError(f"{path}: no such model bundle (shipped: {', '.join(shipped_models())})")
+    return path
+
+
+def load_bundle(path: "str | Path", device: "str | torch.device" = "cpu") -> Bundle:
+    """Rebuild stages and transform from the file alone; strict loading, integrity checked.
+
+    `path` is a file, or the name of a shipped bundle (e.g. `ds2-factorised`)."""
+    from safetensors import safe_open
+
+    path = bundle_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -60,12 +60,20 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _row_dir(out: Path, row: Row) -> Path:
+    """The row's folder, its record (the plan's row and the sha256 of the model file) written or checked: a row
+    is only resumed, or skipped as done, for the same settings and the same weights."""
+    from .checkpoint import bundle_path, file_sha256
     d = out / "rows" / row.label
     d.mkdir(parents=True, exist_ok=True)
-    spec_path, spec = d / "row.json", row.spec()
-    if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
-        raise ValueError(f"{spec_path}: row {row.label} was run with {spec_path.read_text().strip()}, the plan now "
-                         f"says {json.dumps(spec)}; give it a new label or delete {d}")
+    spec_path, spec = d / "row.json", {**row.spec(), "model_sha256": file_sha256(bundle_path(row.model))}
+    if spec_path.exists():
+        old = json.loads(spec_path.read_text())
+        if "model_sha256" not in old:          # recorded before the model's hash was: settings only
+            spec = {k: v for k, v in spec.items() if k != "model_sha256"}
+        if old != spec:
+            raise ValueError(f"{spec_path}: row {row.label} was run with {spec_path.read_text().strip()}, the "
+                             f"plan and model now give {json.dumps(spec)}; give it a new label or delete {d}")
+        return d
     _write_json(spec_path, spec)
     return d
 
@@ -196,14 +204,13 @@ def run_study(plan: Plan, out: "str | Path", *, device: str = "cpu", fast: bool 
     late = lambda: deadline > 0 and time.time() - t0 > deadline
     try:
         for label in mine:
-            d = out / "rows" / label
+            d = out / "rows" / label if label == FLOOR else _row_dir(out, rows[label])
             if (d / "eval" / "metrics.json").exists():
                 continue
             if late():
                 left.append(label)
                 continue
             if label != FLOOR:
-                d = _row_dir(out, rows[label])
                 generate_row(rows[label], d, energies, models, plan.chunk, plan.timing_repeats, progress)
             if progress:
                 print(f"[study] {label}: generated ({time.time() - t0:.0f} s); evaluating", flush=True)
