@@ -115,6 +115,16 @@ def test_bad_input_gives_one_line(tmp_path, monkeypatch, capsys, args, match):
     assert not (tmp_path / "z.h5").exists()
 
 
+def test_options_are_not_abbreviated(tmp_path, monkeypatch, capsys):
+    """`--energy 50` is a typo, not `--energy-sampler 50`: argparse's prefix matching is off."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", "ds2-shortcut", "--n", "3", "--energy", "50", "-o", "z.h5"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --energy 50" in capsys.readouterr().err
+    assert not (tmp_path / "z.h5").exists()
+
+
 def test_bench_refuses_to_overwrite_its_table(tmp_path, capsys):
     table = tmp_path / "t.csv"
     table.write_text("keep me")

@@ -218,4 +218,6 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("-o", "--output", default="demo", help="output folder (default demo/)")
     d.set_defaults(func=handlers["demo"])
+    for parser in (p, *sub.choices.values()):     # no prefix matching: `--energy 50` is not `--energy-sampler 50`
+        parser.allow_abbrev = False
     return p
