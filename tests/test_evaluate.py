@@ -93,6 +93,21 @@ def _half(files, path, k):
     return out
 
 
+def test_classifier_seeds_give_the_auc_spread(files, reference):
+    """Repeated with other seeds (split and initialisation), the classifier's AUCs on two GFlash samples scatter
+    by about their standard error around 0.5; the first is the one-seed result."""
+    tmp, a, *_ = files
+    m = evaluate_files(a, reference, DS2, tmp / "seeds", fast=True, min_events=1000, classifiers=("high",),
+                       distances=False, plots=False, progress=False, classifier_seeds=3)
+    s = m["classifier_high"]["auc_seeds"]
+    assert s["seeds"] == [0, 1, 2] and s["values"][0] == m["classifier_high"]["auc"] and len(set(s["values"])) == 3
+    assert s["mean"] == pytest.approx(np.mean(s["values"])) and s["std"] == pytest.approx(np.std(s["values"], ddof=1))
+    se = _se(m["classifier_high"])
+    assert all(abs(v - 0.5) < 4 * se for v in s["values"]) and s["std"] < 4 * se
+    with pytest.raises(ValueError, match="--classifier-seeds 0"):
+        evaluate_files(a, reference, DS2, tmp / "seeds0", fast=True, min_events=1000, classifier_seeds=0)
+
+
 @pytest.mark.parametrize("which", ["scaled", "shifted"])
 def test_distorted_copy_is_detected(files, reference, which):
     tmp, a, b, scaled, shifted = files

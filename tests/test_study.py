@@ -46,6 +46,10 @@ def test_plan_errors_name_the_file_and_the_key(tiny, tmp_path, capsys):
            "must be letters": 'label = "a b"',
            "takes no option": 'label = "a"\nsampler = "euler"\nknobs = { eta = 0.5 }',
            "unknown sampler": 'label = "a"\nsampler = "magic"'}
+    (tmp_path / "seeds.toml").write_text(f'classifier_seeds = 0\n[reference]\nfile = "{ref}"\nn = 10\n'
+                                         f'[[rows]]\nlabel = "a"\nmodel = "{model}"\n')
+    with pytest.raises(ValueError, match="classifier_seeds = 0: must be a positive integer"):
+        load_plan(tmp_path / "seeds.toml")
     for msg, row in bad.items():
         p = _plan(tmp_path, model, ref, [row])
         with pytest.raises(ValueError, match=msg) as err:
@@ -124,6 +128,22 @@ def test_a_row_resumes_only_with_the_same_weights(tiny, tmp_path):
     old = {k: v for k, v in json.loads((d / "row.json").read_text()).items() if k != "model_sha256"}
     (d / "row.json").write_text(json.dumps(old))                         # a record from before the hash
     assert _row_dir(tmp_path / "s", row) == d and "model_sha256" not in json.loads((d / "row.json").read_text())
+
+
+def test_classifier_seeds_put_the_auc_spread_in_the_table(tiny, tmp_path):
+    tmp, model, ref = tiny
+    plan = _plan(tmp_path, model, ref, ROWS[:1])
+    seeded = tmp_path / "seeded.toml"
+    seeded.write_text("classifier_seeds = 2\n" + plan.read_text())
+    assert study(seeded, tmp_path / "s", fast=True) == 0
+    m = json.loads((tmp_path / "s/rows/euler-3/eval/metrics.json").read_text())
+    row = next(csv.DictReader(open(tmp_path / "s/table.csv")))
+    for side in ("low", "high"):
+        seeds = m[f"classifier_{side}"]["auc_seeds"]
+        assert float(row[f"auc_{side}"]) == seeds["mean"] and float(row[f"auc_{side}_std"]) == seeds["std"]
+        assert f"{seeds['mean']:.3f} ± {seeds['std']:.3f}" in (tmp_path / "s/table.md").read_text()
+    with pytest.raises(ValueError, match="choose a new output folder"):    # one seed count per study folder
+        study(plan, tmp_path / "s", fast=True)
 
 
 def test_deadline_leaves_rows_to_resume(tiny, tmp_path, capsys):

@@ -241,7 +241,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         from .report import load_baseline
         baseline = load_baseline(a.baseline)
     m = evaluate_files(a.generated, a.reference, geo, a.output, fast=a.fast, min_events=a.min_events,
-                       classifiers=classifiers, device=a.device, label=a.label or "", baseline=baseline)
+                       classifiers=classifiers, device=a.device, label=a.label or "", baseline=baseline,
+                       classifier_seeds=a.classifier_seeds)
     for key in ("classifier_low", "classifier_high"):
         if key in m:
             print(f"{key}: AUC {m[key]['auc']:.4f}  JSD {m[key]['jsd']:.4f}")

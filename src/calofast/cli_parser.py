@@ -111,6 +111,8 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     ev.add_argument("--min-events", type=int, help="accept files smaller than the official protocol's size "
                     "(100,000 events for DS2 and DS3, 121,000 / 120,800 for DS1 photons / pions)")
     ev.add_argument("--classifiers", default="low,high", help="which classifier tests (low,high; empty: none)")
+    ev.add_argument("--classifier-seeds", type=int, default=1, metavar="N",
+                    help="repeat each classifier test with N seeds and record the AUCs' mean and spread (default 1)")
     ev.add_argument("--device", help="classifier device (default: cuda if available)")
     ev.add_argument("--label", help="name in the report (default: the model, sampler and steps the file records)")
     ev.add_argument("--baseline", metavar="METRICS_JSON",

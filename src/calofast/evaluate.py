@@ -11,7 +11,7 @@ import datetime
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +74,16 @@ def prepare_reference(path: "str | Path", geometry: Geometry, n: int | None = No
 def evaluate_files(generated: "str | Path", reference: "str | Path | Reference", geometry: Geometry,
                    out_dir: "str | Path", *, fast: bool = False, min_events: int | None = None,
                    classifiers: tuple[str, ...] = ("low", "high"), distances: bool = True, device: str | None = None,
-                   label: str = "", plots: bool = True, progress: bool = True, baseline: dict | None = None) -> dict:
+                   label: str = "", plots: bool = True, progress: bool = True, baseline: dict | None = None,
+                   classifier_seeds: int = 1) -> dict:
     """Run the evaluation; write metrics.json (and plots, report.html) into out_dir; return the metrics.
 
-    `baseline`: another evaluation's metrics (e.g. GFlash against GFlash) shown beside these in the report."""
+    `baseline`: another evaluation's metrics (e.g. GFlash against GFlash) shown beside these in the report.
+    `classifier_seeds` > 1 repeats each classifier test with seeds 1, 2, ... (another split and initialisation)
+    and records the AUCs with their mean and standard deviation under `auc_seeds`: the classifier's own spread,
+    for comparing rows whose AUCs are close."""
+    if not isinstance(classifier_seeds, int) or classifier_seeds < 1:
+        raise ValueError(f"--classifier-seeds {classifier_seeds}: must be a positive integer")
     generated, out_dir = Path(generated), Path(out_dir)
     ref_path = reference.path if isinstance(reference, Reference) else Path(reference)
     info_g, info_r = inspect_file(generated), inspect_file(ref_path)
@@ -138,6 +144,12 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
         if key.split("_")[1] in classifiers:
             res = classifier_test(x_g, x_r, cfg, device, progress, name=what, groups=groups)
             res["auc_by_energy"] = {names[int(k)]: v for k, v in res.pop("auc_by_group").items()}
+            if classifier_seeds > 1:
+                aucs = [res["auc"]] + [classifier_test(x_g, x_r, replace(cfg, seed=cfg.seed + s), device, progress,
+                                                       name=f"{what}, seed {cfg.seed + s}")["auc"]
+                                       for s in range(1, classifier_seeds)]
+                res["auc_seeds"] = {"seeds": [cfg.seed + s for s in range(classifier_seeds)], "values": aucs,
+                                    "mean": float(np.mean(aucs)), "std": float(np.std(aucs, ddof=1))}
             metrics[key] = res
             lap(key)
     if distances:

@@ -7,6 +7,8 @@ times the sampler with the timing protocol (`bench`), evaluates against the refe
 report). Layout: `DIR/reference.h5`, `DIR/rows/LABEL/{row.json, chunks/, showers.h5, generation.json,
 eval/metrics.json, eval/report.html}`. Every step is skipped when its output exists, so a killed study
 re-run with the same command resumes (at worst it redoes the chunk or evaluation that was cut off).
+`classifier_seeds = N` in a plan repeats each classifier test with N seeds: the table's AUC is then their mean,
+with their standard deviation beside it.
 Evaluations can run in `eval_jobs` worker processes (each prepares the reference once) while the main
 process generates the next row; `shard=(k, n)` runs rows k, k+n, ... (one process per GPU).
 """
@@ -82,6 +84,8 @@ def _check_folder(plan: Plan, out: Path) -> None:
     """A study folder holds one reference and one event count: resuming with others would mix results."""
     ident = {"n": plan.n, "reference": str(plan.ref_file) if plan.ref_file else
              {"gflash_seed": plan.gflash_seed, "energies": plan.energies}}
+    if plan.classifier_seeds > 1:          # (absent for one seed: folders from before the option stay valid)
+        ident["classifier_seeds"] = plan.classifier_seeds
     path = out / "study.json"
     if path.exists() and json.loads(path.read_text()) != ident:
         raise ValueError(f"{path}: this folder holds a study with {path.read_text().strip()}, the plan now says "
@@ -172,10 +176,10 @@ def _worker_init(ref: str, geometry: Geometry, n: int, threads: int = 0) -> None
 
 
 def _evaluate(label: str, showers: str, eval_dir: str, geometry: Geometry, fast: bool, device: str | None,
-              min_events: int) -> str:
+              min_events: int, classifier_seeds: int = 1) -> str:
     from .evaluate import evaluate_files
     evaluate_files(showers, _REFERENCE, geometry, eval_dir, fast=fast, min_events=min_events, device=device,
-                   label=label, progress=False)
+                   label=label, progress=False, classifier_seeds=classifier_seeds)
     return label
 
 
@@ -214,7 +218,7 @@ def run_study(plan: Plan, out: "str | Path", *, device: str = "cpu", fast: bool 
                 generate_row(rows[label], d, energies, models, plan.chunk, plan.timing_repeats, progress)
             if progress:
                 print(f"[study] {label}: generated ({time.time() - t0:.0f} s); evaluating", flush=True)
-            args = (label, str(d / "showers.h5"), str(d / "eval"), geometry, fast, eval_dev, plan.n)
+            args = (label, str(d / "showers.h5"), str(d / "eval"), geometry, fast, eval_dev, plan.n, plan.classifier_seeds)
             if pool is None:
                 if _REFERENCE is None or _REFERENCE.path != ref or _REFERENCE.n != plan.n:
                     _worker_init(str(ref), geometry, plan.n)       # once, when the first row needs it

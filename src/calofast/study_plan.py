@@ -12,7 +12,7 @@ FLOOR = "gflash-floor"
 _ROW_KEYS = {"label", "model", "sampler", "steps", "knobs", "family", "seed", "batch_size", "dtype", "compile",
              "energy_sampler", "cuda_graph", "deep_cache", "tome"}
 _NEW_KEYS = ("energy_sampler", "cuda_graph", "deep_cache", "tome")   # left out of a row's identity when unset (older folders)
-_TOP_KEYS = {"name", "geometry", "reference", "defaults", "rows", "chunk", "timing_repeats"}
+_TOP_KEYS = {"name", "geometry", "reference", "defaults", "rows", "chunk", "timing_repeats", "classifier_seeds"}
 _REF_KEYS = {"file", "gflash_seed", "energies", "n", "floor_seed"}
 
 
@@ -50,6 +50,7 @@ class Plan:
     floor_seed: int | None = None         # a GFlash-vs-GFlash row with this seed
     chunk: int = 10_000
     timing_repeats: int = 3
+    classifier_seeds: int = 1             # each classifier test repeated with this many seeds (mean and spread)
 
 
 def _fail(path: Path, msg: str) -> ValueError:
@@ -119,12 +120,15 @@ def load_plan(path: "str | Path") -> Plan:
     chunk, reps = raw.get("chunk", 10_000), raw.get("timing_repeats", 3)
     if not isinstance(chunk, int) or chunk < 1 or not isinstance(reps, int) or reps < 0:
         raise _fail(path, "chunk must be a positive and timing_repeats a non-negative integer")
+    seeds = raw.get("classifier_seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise _fail(path, f"classifier_seeds = {seeds!r}: must be a positive integer")
     ref_file = Path(ref["file"]) if "file" in ref else None
     if ref_file is not None and not ref_file.is_absolute():
         ref_file = path.parent / ref_file
     return Plan(path, str(raw.get("name", path.stem)), rows, ref["n"], str(raw.get("geometry", "")), ref_file,
                 int(ref.get("gflash_seed", 1001)), str(ref.get("energies", "log-uniform:1GeV:1TeV")),
-                ref.get("floor_seed"), chunk, reps)
+                ref.get("floor_seed"), chunk, reps, seeds)
 
 
 def select(plan: Plan, only: list[str] | None = None, events: int | None = None) -> Plan:

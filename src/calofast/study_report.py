@@ -13,7 +13,7 @@ __all__ = ["collect_rows", "write_outputs", "COLUMNS"]
 COLUMNS = ["label", "family", "model", "sampler", "steps", "nfe", "nfe_stages", "auc_low", "auc_high", "fpd_x1e3",
            "fpd_err_x1e3", "kpd_x1e3", "kpd_err_x1e3", "sep_response", "sep_E_layer", "sep_EC_r", "sep_width_r",
            "sep_voxel", "resp_mean", "resp_ref", "clipped", "ms_per_shower", "ms_std", "device", "events", "fast",
-           "status"]
+           "status", "auc_low_std", "auc_high_std", "auc_seeds"]
 
 
 def _row(label: str, d: Path) -> dict:
@@ -33,6 +33,10 @@ def _row(label: str, d: Path) -> dict:
              sep_response=sp["response"], sep_E_layer=sp["E_layer"]["mean"], sep_EC_r=sp["EC_r"]["mean"],
              sep_width_r=sp["width_r"]["mean"], sep_voxel=sp.get("voxel_energy"),
              resp_mean=m["response"]["generated"]["mean"], resp_ref=m["response"]["reference"]["mean"])
+    for side in ("low", "high"):
+        seeds = m.get(f"classifier_{side}", {}).get("auc_seeds")
+        if seeds:            # several classifier seeds: the AUC is their mean, its spread beside it
+            r.update({f"auc_{side}": seeds["mean"], f"auc_{side}_std": seeds["std"], "auc_seeds": len(seeds["values"])})
     if "fpd" in m:
         r.update(fpd_x1e3=m["fpd"]["x1e3"], fpd_err_x1e3=m["fpd"]["error"] * 1e3,
                  kpd_x1e3=m["kpd"]["x1e3"], kpd_err_x1e3=m["kpd"]["error"] * 1e3)
@@ -48,6 +52,11 @@ def _fmt(v, p: int) -> str:
     return "–" if v is None or v == "" else f"{v:.{p}f}"
 
 
+def _auc(r: dict, side: str) -> str:
+    std = r.get(f"auc_{side}_std")
+    return _fmt(r[f"auc_{side}"], 3) + (f" ± {std:.3f}" if std is not None else "")
+
+
 def _markdown(rows: list[dict]) -> str:
     lines = ["| row | NFE | AUC low | AUC high | FPD×10³ | KPD×10³ | sep E_tot/E_inc | sep E_layer | sep EC_r | "
              "sep width_r | sep voxel E | E_tot/E_inc (ref) | clipped | ms/shower | events |",
@@ -60,7 +69,7 @@ def _markdown(rows: list[dict]) -> str:
         nfe = " + ".join(str(v) for v in reversed(stages.values())) or "–"
         fpd = f"{r['fpd_x1e3']:.1f} ± {r['fpd_err_x1e3']:.1f}" if r.get("fpd_x1e3") is not None else "–"
         kpd = f"{r['kpd_x1e3']:.3f} ± {r['kpd_err_x1e3']:.3f}" if r.get("kpd_x1e3") is not None else "–"
-        lines.append(f"| {r['label']} | {nfe} | {_fmt(r['auc_low'], 3)} | {_fmt(r['auc_high'], 3)} | {fpd} | {kpd} | "
+        lines.append(f"| {r['label']} | {nfe} | {_auc(r, 'low')} | {_auc(r, 'high')} | {fpd} | {kpd} | "
                      f"{r['sep_response']:.4f} | {r['sep_E_layer']:.4f} | {r['sep_EC_r']:.4f} | {r['sep_width_r']:.4f} | "
                      f"{_fmt(r['sep_voxel'], 4)} | {r['resp_mean']:.4f} ({r['resp_ref']:.4f}) | {r['clipped'] if r['clipped'] != '' else '–'} | "
                      f"{_fmt(r['ms_per_shower'], 4)} | {r['events']:,}{' (fast)' if r['fast'] else ''} |")
