@@ -15,7 +15,7 @@
 #             continues with different CONT and SETS may run at once (start them after `data`)
 #   data      the training data alone (so that concurrent phases do not race for it)
 #   tvs       (study issue) T versus S: discrete-table runs RUNS="t400 t1000 t4000" (trained as ablation rows) with
-#             strided DDPM and DDIM at S = 200 and 50, in one study
+#             strided DDPM and DDIM at S = 200 and 50, in one study, each classifier with CLS_SEEDS (default 3) seeds
 #   ds3       (DS3 issue) GFlash DS3 training data (N_DS3, default 100,000) and the ds3-factorised preset trained
 #             into runs/device/$CONT (default ds3), E_S + S_S s, compiled; evaluate it with RUNS=ds3 ... rows
 #   probe     (diagnostic) GFlash reference (seed 1001) and floor (seed 2002), 50,000 showers of MODEL (default the
@@ -79,6 +79,7 @@ rows_plan() {   # rows_plan TITLE RUN...: a study plan of the runs' bundles at D
                 # at each SAMPLER:STEPS of SAMPLINGS (rows RUN-SAMPLER-STEPS), compiled
   local title=$1 s; shift
   echo "name = \"$title: ${SAMPLINGS:-DPM-Solver++(2M) $GEN_STEPS steps}\""; echo 'timing_repeats = 0'
+  [ -n "${CLS_SEEDS:-}" ] && echo "classifier_seeds = $CLS_SEEDS"
   echo '[reference]'; echo "n = $N_REF"; echo 'gflash_seed = 1001'; [ -n "${FLOOR:-}" ] && echo 'floor_seed = 2002'
   echo '[defaults]'; echo 'sampler = "dpmpp-2m"'; echo "steps = $GEN_STEPS"; echo 'batch_size = 10000'
   [ -z "${SMOKE:-}" ] && echo 'compile = true'
@@ -165,6 +166,10 @@ case "$PHASE" in
       [ -f $W/$1/model.safetensors ] || train_run $1 $(row_args $1 | cut -d' ' -f1-3) $2 $(row_args $1 | cut -d' ' -f4-)
     }
     if [ -n "${ABL_PAR:-}" ]; then
+      n_rows=$(echo ${ROWS:-abl-final} | wc -w)
+      if [ "$n_rows" -gt "${MAX_PAR:-3}" ]; then   # session 9: seven trainers at once ran at 24,000 showers/s together
+        echo "ABL_PAR: $n_rows rows at once; more than MAX_PAR=${MAX_PAR:-3} share one GPU badly (raise MAX_PAR to insist)" >&2; exit 2
+      fi
       comp=true; [ -n "${SMOKE:-}" ] && comp=false
       for name in ${ROWS:-abl-final}; do train_row $name $comp & done
       wait; stamp "rows trained at once: evaluate them with RUNS=\"${ROWS:-abl-final}\" ... rows"
@@ -197,7 +202,7 @@ case "$PHASE" in
   tvs)          # (study issue) T versus S: the discrete-table runs RUNS="t400 t1000 t4000" (ablation rows) sampled
                 # with strided DDPM and DDIM at S = 200 and 50 (SAMPLINGS overrides), one study, full protocol
     plan=$W/tvs-$(echo ${RUNS:?RUNS names the runs} | tr ' ' '+').toml
-    SAMPLINGS=${SAMPLINGS:-ddpm:200 ddpm:50 ddim:200 ddim:50} rows_plan "T versus S, runs $RUNS" $RUNS > $plan
+    SAMPLINGS=${SAMPLINGS:-ddpm:200 ddpm:50 ddim:200 ddim:50} CLS_SEEDS=${CLS_SEEDS:-3} rows_plan "T versus S, runs $RUNS" $RUNS > $plan
     run_study $plan $(( ${DEADLINE:-560} - ($(date +%s) - t0) )) "${ONLY:-}"
     ;;
   rows)
