@@ -90,7 +90,8 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     ds = sub.add_parser("distill", help="a few-step student from a teacher (progressive, consistency or shortcut)",
                         description="Progressive distillation down to 1 step, consistency distillation, or a shortcut "
                         "model (one run for every step count, from a flow-matching teacher; generate it with any "
-                        "--steps). Resumable; multi-GPU through torchrun like training.")
+                        "--steps; --set distill.sc_loss=meanflow trains the same network with the MeanFlow loss). "
+                        "Resumable; multi-GPU through torchrun like training.")
     ds.add_argument("method", choices=("progressive", "consistency", "shortcut"))
     ds.add_argument("--teacher", required=True, help=f"teacher: {model_help}")
     ds.add_argument("--data", required=True, help="training showers (CaloChallenge HDF5)")

@@ -100,6 +100,10 @@ class DistillConfig:
     sc_teacher_fraction: float = 0.0     # shortcut: teacher-ODE pairs appended to each batch, as a share of it
     sc_teacher_levels: int = 3           # shortcut: jumps t_max / 2^j, j < this, also learnt from those trajectories
     sc_teacher_steps: int = 32           # shortcut: Heun steps of a teacher trajectory (Karras grid + level points)
+    sc_loss: Literal["shortcut", "meanflow"] = "shortcut"   # shortcut: self-consistency, or MeanFlow's identity
+    mf_ratio: float = 0.25               # meanflow: share of each batch with r < t (the rest flow matching, r = t)
+    mf_p: float = 1.0                    # meanflow: adaptive weight 1 / (|err|^2 + 1e-3)^p per event (0: plain)
+    mf_eps: float = 2e-3                 # meanflow: finite-difference step in t of the total derivative (<= h / 2)
 
 
 _FLOW = DiffusionConfig(param="flow", p_mean=0.0, p_std=1.0, sigma_max=160.0)
@@ -255,6 +259,8 @@ _DISTILL_RULES = [
     ("sc_max_steps", lambda v: v >= 1 and not v & (v - 1), "a power of two"),
     ("sc_teacher_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"), ("sc_teacher_levels", lambda v: 1 <= v <= 6, "in 1..6"),
     ("sc_teacher_steps", lambda v: v >= 2, "at least 2"),
+    ("mf_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"), ("mf_p", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
+    ("mf_eps", lambda v: 0 < v <= 0.01, "in (0, 0.01]"),
     ("lr", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
 ]
 

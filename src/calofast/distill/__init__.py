@@ -24,6 +24,7 @@ from ..schedules import SIGMA_MAX_CAP, karras_consistency
 from ..train import fit, load_training_data, setup_distributed
 from .consistency import consistency_loss, consistency_points, update_target
 from .progressive import progressive_loss, student_grid
+from .meanflow import meanflow_loss
 from .shortcut import TeacherTargets, shortcut_loss
 
 __all__ = ["distill_progressive", "distill_consistency", "distill_shortcut", "distill_sigma_range"]
@@ -141,7 +142,8 @@ def distill_consistency(teacher_path: "str | Path", data_path: "str | Path", run
 
 def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_dir: "str | Path",
                      cfg: Config) -> Path:
-    """A shortcut model fine-tuned from a flow-matching teacher in one run (`shortcut.py`): the main stage,
+    """A shortcut model fine-tuned from a flow-matching teacher in one run (`shortcut.py`; with
+    distill.sc_loss=meanflow the same interval network trained with the MeanFlow loss, `meanflow.py`): the main stage,
     and with distill.sc_energy_steps > 0 a factorised teacher's energy stage first (its own folder
     run_dir/energy, length and time budget from energy.train). Given a shortcut bundle instead, trains that
     one further (its own t_max and max_steps)."""
@@ -189,8 +191,12 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
         targets = TeacherTargets.of(teacher, cfg.train.compile, t_max=t_max, fraction=dc.sc_teacher_fraction,
                                     levels=dc.sc_teacher_levels, steps=dc.sc_teacher_steps) \
             if k == main_k and dc.sc_teacher_fraction > 0 else None
-        loss = lambda model, x, c, g, t_max=t_max, sample_sigma=sample_sigma, targets=targets: shortcut_loss(
-            model, x, c, t_max, dc.sc_max_steps, dc.sc_fraction, sample_sigma, g, targets)
+        if dc.sc_loss == "meanflow":
+            loss = lambda model, x, c, g, t_max=t_max, sample_sigma=sample_sigma, targets=targets: meanflow_loss(
+                model, x, c, t_max, sample_sigma, dc.mf_ratio, dc.mf_p, dc.mf_eps, g, targets)
+        else:
+            loss = lambda model, x, c, g, t_max=t_max, sample_sigma=sample_sigma, targets=targets: shortcut_loss(
+                model, x, c, t_max, dc.sc_max_steps, dc.sc_fraction, sample_sigma, g, targets)
         base = cfg.train if k == main_k else cfg.stage("energy")[2]
         showers = dc.sc_showers if k == main_k else base.showers
         sc_cfg = replace(base, showers=showers, warmup_showers=min(base.warmup_showers, showers // 10), lr=dc.lr)
