@@ -7,8 +7,9 @@
 #             of it to the energy stage), then their study plan evaluated in the same call (FLOOR=1 adds the floor);
 #             ABL_PAR=1 trains the rows at once, compiled, for ABL_S s of shared GPU each, and stops (then `rows`).
 #   shortcut  (few-step issue) a shortcut student of the shipped teacher (calofast distill shortcut; SC_INIT=.carry/
-#             ds2-shortcut.safetensors trains a carried one further), SC_S s compiled, fp16 bundle; ONLY=row,row then
-#             evaluates those rows of studies/ds2-shortcut.toml with it in the same call.
+#             ds2-shortcut.safetensors trains a carried one further), SC_S s compiled, fp16 bundle, into runs/device/
+#             $CONT (default sc; SETS="--set distill.sc_loss=meanflow" for MeanFlow); ONLY=row,row then evaluates
+#             those rows of studies/ds2-shortcut.toml with it in the same call.
 #   speed     (few-step issue) pipeline profiles and calofast bench runs (PROFILES, BENCHES: ';'-separated argument
 #             lists), then ONLY=row,row of PLAN (default studies/ds2-shortcut.toml).
 #   continue  more training of the shipped model (train --init) into runs/device/$CONT (default cont); several
@@ -125,18 +126,18 @@ case "$PHASE" in
       run_study studies/ds2-factorised.toml $(( ${DEADLINE:-570} - ($(date +%s) - t0) )) "$ONLY"
     fi
     ;;
-  shortcut)
-    data
-    quiet cf distill shortcut --teacher "${SC_INIT:-ds2-factorised}" --data $W/train.h5 -o $W/sc \
+  shortcut)     # into runs/device/$CONT (default sc): several students may train at once under different CONT
+    data; C=${CONT:-sc}
+    quiet cf distill shortcut --teacher "${SC_INIT:-ds2-factorised}" --data $W/train.h5 -o $W/$C \
       --set train.showers=1000000000 --set distill.sc_showers=1000000000 --set train.budget_seconds="${SC_S:-400}" \
       --set distill.lr="${LR:-2e-4}" --set train.warmup_showers=200000 --set train.compile=true \
-      --set train.bundle_dtype=fp16 --set train.checkpoint_showers=4000000 ${SMOKE_SET:-} ${SETS:-} > $W/logs/sc.log 2>&1
-    stamp "shortcut trained: $(tail -qn1 $W/sc/stats.jsonl)"
-    (cd $W && cp --parents sc/config.json sc/stats.jsonl "$X/"); cp $W/logs/sc.log "$X/"
-    bring_back $W/sc/shortcut.safetensors ds2-shortcut.safetensors
-    if [ -n "${ONLY:-}" ]; then   # the plan with its model pointed at the new bundle
-      sed "s|\"ds2-shortcut\"|\"$(cd $W/sc && pwd)/shortcut.safetensors\"|" studies/ds2-shortcut.toml > $W/ds2-shortcut.toml
-      run_study $W/ds2-shortcut.toml $(( ${DEADLINE:-570} - ($(date +%s) - t0) )) "$ONLY"
+      --set train.bundle_dtype=fp16 --set train.checkpoint_showers=4000000 ${SMOKE_SET:-} ${SETS:-} > $W/logs/$C.log 2>&1
+    stamp "shortcut $C trained: $(tail -qn1 $W/$C/stats.jsonl)"
+    (cd $W && cp --parents $C/config.json $C/stats.jsonl "$X/"); cp $W/logs/$C.log "$X/"
+    bring_back $W/$C/shortcut.safetensors $C.safetensors
+    if [ -n "${ONLY:-}" ]; then   # the plan with its model pointed at the new bundle (its own study folder)
+      sed "s|\"ds2-shortcut\"|\"$(cd $W/$C && pwd)/shortcut.safetensors\"|" studies/ds2-shortcut.toml > $W/$C-ds2-shortcut.toml
+      run_study $W/$C-ds2-shortcut.toml $(( ${DEADLINE:-570} - ($(date +%s) - t0) )) "$ONLY"
     fi
     ;;
   ablation)     # ROWS (names below) trained one after another, ABL_S s each, then evaluated in the same call;
