@@ -23,8 +23,8 @@ from ..diffusion import Boundary, Preconditioned
 from ..schedules import SIGMA_MAX_CAP, karras_consistency
 from ..train import fit, load_training_data, setup_distributed
 from .consistency import consistency_loss, consistency_points, update_target
-from .progressive import progressive_loss, student_grid
 from .meanflow import meanflow_loss
+from .progressive import progressive_loss, student_grid
 from .shortcut import TeacherTargets, shortcut_loss
 
 __all__ = ["distill_progressive", "distill_consistency", "distill_shortcut", "distill_sigma_range"]
