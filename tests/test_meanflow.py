@@ -10,11 +10,10 @@ import torch
 
 from calofast.checkpoint import load_bundle
 from calofast.config import apply_overrides, get_preset
-from calofast.distill import distill_shortcut, distill_sigma_range
+from calofast.distill import distill_shortcut
 from calofast.distill.meanflow import meanflow_target
 from calofast.generate import sample_batch
-from calofast.interval import IntervalDenoiser, uniform_grid
-from calofast.samplers import euler
+from calofast.interval import IntervalDenoiser
 from calofast.train import train_model
 
 from helpers import tiny_data, tiny_xml
@@ -88,14 +87,7 @@ def test_meanflow_student_trains_samples_and_nears_the_teacher_ode(teacher, tmp_
         assert nfe["shape"] == steps and torch.isfinite(showers).all() and not clipped.any()
     # Paired over the same noise and conditions: one jump of the student is closer to the teacher's ODE than one
     # Euler step of the teacher (the same test as the shortcut loss's).
-    from test_shortcut import _inputs
-    _, s_max = distill_sigma_range(b, cfg)
-    noise, cond = _inputs(b, n=512, seed=4)
-    x = noise * s_max
-    with torch.no_grad():
-        ode = euler(b.denoiser, x, uniform_grid(64, s_max), cond)
-        g1 = uniform_grid(1, s_max)
-        before = (euler(b.denoiser, x, g1, cond) - ode).pow(2).flatten(1).mean(1)
-        after = (euler(student.denoiser.on_grid(g1), x, g1, cond) - ode).pow(2).flatten(1).mean(1)
+    from test_shortcut import one_jump_errors
+    before, after = one_jump_errors(b, student, cfg)
     diff = before - after
     assert float(diff.mean()) > 5 * float(diff.std()) / math.sqrt(len(diff)), (float(before.mean()), float(after.mean()))
