@@ -115,13 +115,20 @@ def test_bad_input_gives_one_line(tmp_path, monkeypatch, capsys, args, match):
     assert not (tmp_path / "z.h5").exists()
 
 
-def test_options_are_not_abbreviated(tmp_path, monkeypatch, capsys):
-    """`--energy 50` is a typo, not `--energy-sampler 50`: argparse's prefix matching is off."""
+@pytest.mark.parametrize("args, match", [
+    # `--energy 50` is a typo, not `--energy-sampler 50`: argparse's prefix matching is off
+    (["generate", "--model", "ds2-shortcut", "--n", "3", "--energy", "50", "-o", "z.h5"],
+     "unrecognized arguments: --energy 50"),
+    (["generate", "--model", "ds2-shortcut", "--n", "abc", "-o", "z.h5"], "argument --n: invalid int value: 'abc'"),
+    (["generate", "--n", "3", "-o", "z.h5"], "required: --model"),
+    (["bogus"], "invalid choice: 'bogus'"),
+])
+def test_argument_errors_are_one_line(tmp_path, monkeypatch, capsys, args, match):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        main(["generate", "--model", "ds2-shortcut", "--n", "3", "--energy", "50", "-o", "z.h5"])
-    assert exc.value.code == 2
-    assert "unrecognized arguments: --energy 50" in capsys.readouterr().err
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("calofast: error:") and match in err and err.count("\n") == 1, err
     assert not (tmp_path / "z.h5").exists()
 
 

@@ -5,11 +5,19 @@ import argparse
 from pathlib import Path
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line, like every other refusal: `calofast: error: ...`, exit code 2; the usage
+    stays one `--help` away."""
+
+    def error(self, message: str):
+        self.exit(2, f"calofast: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(handlers: dict) -> argparse.ArgumentParser:
     """The argument parser; `handlers` maps each subcommand to its function (cli.py)."""
     shipped = ", ".join(sorted(f.stem for f in (Path(__file__).parent / "models").glob("*.safetensors")))
     model_help = f"model bundle (.safetensors) or a shipped model's name ({shipped})"
-    p = argparse.ArgumentParser(prog="calofast", description="Fast calorimeter-shower simulation with "
+    p = _Parser(prog="calofast", description="Fast calorimeter-shower simulation with "
                                 "diffusion models (CaloChallenge format).")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
