@@ -7,7 +7,12 @@ from pathlib import Path
 
 class _Parser(argparse.ArgumentParser):
     """An argument error is one line, like every other refusal: `calofast: error: ...`, exit code 2; the usage
-    stays one `--help` away."""
+    stays one `--help` away. No prefix matching: `--energy 50` is not `--energy-sampler 50`. The subcommands'
+    parsers are of this class too (argparse makes them of the parent's)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"calofast: error: {message} (see {self.prog} --help)\n")
@@ -229,6 +234,4 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("-o", "--output", default="demo", help="output folder (default demo/)")
     d.set_defaults(func=handlers["demo"])
-    for parser in (p, *sub.choices.values()):     # no prefix matching: `--energy 50` is not `--energy-sampler 50`
-        parser.allow_abbrev = False
     return p

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..diffusion import _bcast
 from ..interval import velocity
 
 __all__ = ["meanflow_loss", "meanflow_target"]
@@ -34,12 +35,11 @@ def meanflow_target(model, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor, 
                     eps: float) -> torch.Tensor:
     """v - h d/dt s(x_t, t, h) along the tangent (v, 1, 1) (module notes), float32, no gradient."""
     x, t, h, v = x_t.float(), t.float(), h.float(), v.float()
-    col = lambda a: a.reshape(-1, *([1] * (x.ndim - 1)))
     e = torch.minimum(h / 2, torch.full_like(h, eps))
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        up = velocity(model, x + col(e) * v, t + e, h + e, cond)
-        down = velocity(model, x - col(e) * v, t - e, h - e, cond)
-    return v - col(h) * (up - down) / col(2 * e.clamp_min(1e-30))
+        up = velocity(model, x + _bcast(e, x) * v, t + e, h + e, cond)
+        down = velocity(model, x - _bcast(e, x) * v, t - e, h - e, cond)
+    return v - _bcast(h, x) * (up - down) / _bcast(2 * e.clamp_min(1e-30), x)
 
 
 def meanflow_loss(model, x0: torch.Tensor, cond: torch.Tensor, t_max: float, sample_sigma, ratio: float, p: float,
@@ -58,9 +58,8 @@ def meanflow_loss(model, x0: torch.Tensor, cond: torch.Tensor, t_max: float, sam
     t = torch.where(first, torch.maximum(ta, tb), ta).clamp(max=t_max)
     r = torch.where(first, torch.minimum(ta, tb).clamp(max=t_max), t)
     h = t - r
-    col = lambda v: v.reshape(-1, *([1] * (x0.ndim - 1)))
     noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
-    x_t = (1 - col(t)) * x0 + col(t) * noise
+    x_t = (1 - _bcast(t, x0)) * x0 + _bcast(t, x0) * noise
     v = noise - x0
     target = v.float()
     if n_mf:
