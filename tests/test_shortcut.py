@@ -190,3 +190,33 @@ def test_shortcut_with_teacher_targets_trains_and_samples(teacher, tmp_path):
     import json
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "sct" / "stats.jsonl")]
     assert losses and all(np.isfinite(losses))
+
+
+def test_student_trained_further_takes_its_targets_from_the_named_teacher(teacher, tmp_path, monkeypatch):
+    """`targets_from`: a shortcut student continued with the original teacher's ODE as the target source (not its
+    own h = 0 velocity); the source is recorded, and a bundle with another fitted transform is refused."""
+    from calofast.checkpoint import file_sha256, save_bundle
+    from calofast.distill import shortcut as sc_mod
+    path, tmp = teacher
+    sets = ["distill.sc_showers=128", "distill.sc_max_steps=8", "train.batch_size=64", "train.checkpoint_showers=128",
+            "distill.sc_teacher_fraction=0.25", "distill.sc_teacher_levels=2", "distill.sc_teacher_steps=4"]
+    cfg = apply_overrides(load_bundle(path).config, sets)
+    first = distill_shortcut(path, tiny_data(tmp), tmp_path / "a", cfg)
+    seen = []
+    real_of = sc_mod.TeacherTargets.of.__func__
+    monkeypatch.setattr(sc_mod.TeacherTargets, "of",
+                        classmethod(lambda cls, den, *a, **k: seen.append(den) or real_of(cls, den, *a, **k)))
+    cont = load_bundle(distill_shortcut(first, tiny_data(tmp), tmp_path / "b", cfg, targets_from=path))
+    assert len(seen) == 1 and not isinstance(seen[0], IntervalDenoiser)      # the plain teacher, not the student
+    assert cont.sampler["targets"] == file_sha256(path)
+    assert isinstance(cont.denoiser, IntervalDenoiser)
+    own = load_bundle(distill_shortcut(first, tiny_data(tmp), tmp_path / "c", cfg))
+    assert isinstance(seen[1], IntervalDenoiser) and "targets" not in own.sampler   # default: its own velocity
+    b = load_bundle(path)
+    b.transform.log_e_max += 0.1                                          # another fitted energy range
+    other = save_bundle(tmp_path / "other.safetensors", b.stages, b.transform, b.config)
+    with pytest.raises(ValueError, match="transform"):
+        distill_shortcut(first, tiny_data(tmp), tmp_path / "d", cfg, targets_from=other)
+    with pytest.raises(ValueError, match="sc_teacher_fraction"):
+        distill_shortcut(first, tiny_data(tmp), tmp_path / "e", apply_overrides(cfg, ["distill.sc_teacher_fraction=0"]),
+                         targets_from=path)

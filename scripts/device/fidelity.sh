@@ -8,7 +8,8 @@
 #             ABL_PAR=1 trains the rows at once, compiled, for ABL_S s of shared GPU each, and stops (then `rows`).
 #   shortcut  (few-step issue) a shortcut student of the shipped teacher (calofast distill shortcut; SC_INIT=.carry/
 #             ds2-shortcut.safetensors trains a carried one further), SC_S s compiled, fp16 bundle, into runs/device/
-#             $CONT (default sc; SETS="--set distill.sc_loss=meanflow" for MeanFlow); ONLY=row,row then evaluates
+#             $CONT (default sc; SETS="--set distill.sc_loss=meanflow" for MeanFlow, "--targets-from ds2-factorised"
+#             for the teacher's ODE as target source of a student trained further); ONLY=row,row then evaluates
 #             those rows of studies/ds2-shortcut.toml with it in the same call.
 #   speed     (few-step issue) pipeline profiles and calofast bench runs (PROFILES, BENCHES: ';'-separated argument
 #             lists), then ONLY=row,row of PLAN (default studies/ds2-shortcut.toml).
@@ -134,7 +135,7 @@ case "$PHASE" in
       --set train.bundle_dtype=fp16 --set train.checkpoint_showers=4000000 ${SMOKE_SET:-} ${SETS:-} > $W/logs/$C.log 2>&1
     stamp "shortcut $C trained: $(tail -qn1 $W/$C/stats.jsonl)"
     (cd $W && cp --parents $C/config.json $C/stats.jsonl "$X/"); cp $W/logs/$C.log "$X/"
-    bring_back $W/$C/shortcut.safetensors $C.safetensors
+    [ -z "${NO_BACK:-}" ] && bring_back $W/$C/shortcut.safetensors $C.safetensors
     if [ -n "${ONLY:-}" ]; then   # the plan with its model pointed at the new bundle (its own study folder)
       sed "s|\"ds2-shortcut\"|\"$(cd $W/$C && pwd)/shortcut.safetensors\"|" studies/ds2-shortcut.toml > $W/$C-ds2-shortcut.toml
       run_study $W/$C-ds2-shortcut.toml $(( ${DEADLINE:-570} - ($(date +%s) - t0) )) "$ONLY"

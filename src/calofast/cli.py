@@ -115,6 +115,8 @@ def cmd_distill(a: argparse.Namespace) -> int:
     from .checkpoint import load_bundle
     from .config import apply_overrides
     from .distill import distill_consistency, distill_progressive, distill_shortcut
+    if a.targets_from and a.method != "shortcut":
+        raise ValueError(f"--targets-from is for the shortcut method, not {a.method}")
     if a.method == "progressive" and not (1 <= a.to_steps < a.start_steps):
         raise ValueError(f"--to-steps {a.to_steps} --start-steps {a.start_steps}: progressive distillation halves "
                          "the steps, so 1 <= --to-steps < --start-steps")
@@ -128,7 +130,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
     elif a.method == "consistency":
         out = [distill_consistency(a.teacher, a.data, a.output, cfg)]
     else:
-        out = [distill_shortcut(a.teacher, a.data, a.output, cfg)]
+        out = [distill_shortcut(a.teacher, a.data, a.output, cfg, targets_from=a.targets_from)]
     if int(os.environ.get("RANK", "0")) == 0:
         print("bundles: " + ", ".join(str(p) for p in out))
     return 0

@@ -110,6 +110,10 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     ds.add_argument("--data", required=True, help="training showers (CaloChallenge HDF5)")
     ds.add_argument("--start-steps", type=int, default=128, help="progressive: teacher steps of the first stage")
     ds.add_argument("--to-steps", type=int, default=1, help="progressive: final student steps")
+    ds.add_argument("--targets-from", metavar="BUNDLE",
+                    help="shortcut: the bundle whose ODE gives the teacher-ODE targets (distill.sc_teacher_fraction "
+                    "> 0), e.g. the original teacher when --teacher is a shortcut student trained further; default "
+                    "--teacher (a shortcut student's own h = 0 velocity)")
     ds.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override, e.g. distill.showers_per_stage=200000, distill.cm_steps=40, distill.sc_showers=4000000")
     ds.add_argument("-o", "--output", required=True, help="run folder")

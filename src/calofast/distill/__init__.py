@@ -140,13 +140,20 @@ def distill_consistency(teacher_path: "str | Path", data_path: "str | Path", run
     return bundle_path
 
 
+def _same_transform(a: Bundle, b: Bundle) -> bool:
+    ca, cb = a.transform.constants(), b.transform.constants()
+    return (a.transform.spec() == b.transform.spec() and ca.keys() == cb.keys()
+            and all(torch.equal(ca[k].cpu(), cb[k].cpu()) for k in ca))
+
+
 def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_dir: "str | Path",
-                     cfg: Config) -> Path:
+                     cfg: Config, targets_from: "str | Path | None" = None) -> Path:
     """A shortcut model fine-tuned from a flow-matching teacher in one run (`shortcut.py`; with
     distill.sc_loss=meanflow the same interval network trained with the MeanFlow loss, `meanflow.py`): the main stage,
     and with distill.sc_energy_steps > 0 a factorised teacher's energy stage first (its own folder
     run_dir/energy, length and time budget from energy.train). Given a shortcut bundle instead, trains that
-    one further (its own t_max and max_steps)."""
+    one further (its own t_max and max_steps). `targets_from`: the bundle whose main stage gives the teacher-ODE
+    targets instead of the teacher's (its sha256 is recorded in the student's sampler spec as "targets")."""
     from ..interval import IntervalDenoiser, uniform_grid, widen_condition
 
     d = setup_distributed()
@@ -161,6 +168,14 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
         if isinstance(stage.denoiser, IntervalDenoiser) and stage.denoiser.max_steps != dc.sc_max_steps:
             raise ValueError(f"{teacher_path}: its {stage.name} stage is a shortcut model with max_steps "
                              f"{stage.denoiser.max_steps}; distill.sc_max_steps={dc.sc_max_steps} cannot continue it")
+    targets_bundle = teacher_bundle
+    if targets_from is not None:
+        if dc.sc_teacher_fraction <= 0:
+            raise ValueError("--targets-from needs teacher-ODE targets: set distill.sc_teacher_fraction > 0")
+        targets_bundle = load_bundle(targets_from, d.device)
+        if not _same_transform(targets_bundle, teacher_bundle):
+            raise ValueError(f"{targets_from}: its transform (stages, geometry or fitted constants) differs from "
+                             f"{teacher_path}'s, so its ODE lives in another space")
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(dumps(cfg))
@@ -180,6 +195,8 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
         steps = dc.sc_steps if k == main_k else dc.sc_energy_steps
         sampler = {"name": "euler", "steps": steps, "sigmas": uniform_grid(steps, s_max).tolist(),
                    "method": "shortcut", "sigma_max": s_max}
+        if targets_from is not None and k == main_k and d.main:
+            sampler["targets"] = file_sha256(targets_bundle.path)
 
         def write(ema, shown, k=k, sampler=sampler):
             done = stages[:k] + [stages[k].with_denoiser(ema, sampler)] + stages[k + 1:]
@@ -188,7 +205,7 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
                         weights_dtype=cfg.train.bundle_dtype)
 
         sample_sigma = teacher.param.sample_sigma
-        targets = TeacherTargets.of(teacher, cfg.train.compile, t_max=t_max, fraction=dc.sc_teacher_fraction,
+        targets = TeacherTargets.of(targets_bundle.stages[k].denoiser, cfg.train.compile, t_max=t_max, fraction=dc.sc_teacher_fraction,
                                     levels=dc.sc_teacher_levels, steps=dc.sc_teacher_steps) \
             if k == main_k and dc.sc_teacher_fraction > 0 else None
         if dc.sc_loss == "meanflow":
