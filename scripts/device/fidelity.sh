@@ -33,9 +33,11 @@
 # CPU smoke run of the whole script (minutes): SMOKE=1 bash scripts/device/fidelity.sh PHASE
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-out}; W=${WORK:-runs/device}; mkdir -p "$OUT" "$W/logs" "$W/export"; OUTABS=$(cd "$OUT" && pwd)
-X=$(cd "$W/export" && pwd)     # small results of this phase, packed into OUT/results-PHASE.tgz at the end
 PHASE=${1:-}; t0=$(date +%s); stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+# small results of this phase, packed into OUT/results-PHASE[-CONT].tgz at the end: one folder per phase and CONT,
+# so that phases running at once (or one after another on a warm machine) do not pack each other's rows
+OUT=${OUT:-out}; W=${WORK:-runs/device}; X=$W/export-${PHASE:-none}${CONT:+-$CONT}
+rm -rf "$X"; mkdir -p "$OUT" "$W/logs" "$X"; OUTABS=$(cd "$OUT" && pwd); X=$(cd "$X" && pwd)
 cf() { python -m calofast "$@"; }
 quiet() { "$@" 2> >(tr '\r' '\n' | grep -v -E "shower/s|it/s|s/it|^$" >&2); }
 N_TRAIN=300000; N_REF=50000; GEN_STEPS=32; DEV=cuda; FAST=""
