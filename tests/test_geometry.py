@@ -80,6 +80,12 @@ def test_hostile_xml_is_refused(tmp_path, kind):
 @pytest.mark.parametrize("text, match", [
     ("<Bins><Bin name='electron'><Layer id='0' r_edges='0,a' n_bin_alpha='1'/></Bin></Bins>", "malformed"),
     ("<Bins><Bin name='electron'><Layer id='0' r_edges='0,2,1' n_bin_alpha='1'/></Bin></Bins>", "invalid bins"),
+    ("<Bins><Bin name='electron'><Layer id='0' r_edges='0,nan,3' n_bin_alpha='1'/></Bin></Bins>", "invalid bins"),
+    ("<Bins><Bin name='electron'><Layer id='0' r_edges='0,2,inf' n_bin_alpha='1'/></Bin></Bins>", "invalid bins"),
+    ("<Bins><Bin name='electron'><Layer id='0' r_edges='-4,2,3' n_bin_alpha='1'/></Bin></Bins>", "invalid bins"),
+    ("<Bins><Bin name='electron'><Layer id='0' r_edges='0,2' n_bin_alpha='0'/></Bin></Bins>", "invalid bins"),
+    ("<Bins><Bin name='electron'><Layer id='0' r_edges='0,2' n_bin_alpha='1000000'/></Bin></Bins>", "invalid bins"),
+    ("<Bins><Bin name='electron'><Layer id='0' r_edges='0' n_bin_alpha='1'/></Bin></Bins>", "0 voxels"),
     ("<Other/>", "expected <Bins>"),
     ("<Bins><Bin", "not a well-formed"),
 ])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import subprocess
 from dataclasses import dataclass
@@ -24,10 +25,10 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import Config, from_dict, to_dict
+from .config import Config, check_config, from_dict, to_dict
 from .data import claim_output
 from .diffusion import Preconditioned, parameterisation_from_dict, parameterisation_to_dict
-from .geometry import Geometry, Layer, PRESETS, SamplingMaterial
+from .geometry import Geometry, Layer, PRESETS, SamplingMaterial, check_layers
 from .interval import IntervalDenoiser
 from .nn import build_network
 from .transforms import ShowerTransform, transform_from_spec
@@ -85,11 +86,64 @@ def _geometry_to_json(g: Geometry) -> str:
 
 def _geometry_from_json(text: str) -> Geometry:
     d = json.loads(text)
+    if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+        raise ValueError("geometry: expected an object with a name")
     if d["name"] in PRESETS:
         return PRESETS[d["name"]]
-    layers = tuple(Layer(i, tuple(e), a) for i, e, a in d["layers"])
-    return Geometry(d["name"], d["particle"], layers, d["threshold_mev"], d["layer_thickness_mm"],
-                    SamplingMaterial() if d["layer_thickness_mm"] else None)
+    rows = d.get("layers")
+    if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == 3 and isinstance(r[1], list) for r in rows)):
+        raise ValueError("geometry: layers must be [id, r_edges, n_alpha] rows")
+    layers = tuple(Layer(i, tuple(e), a) for i, e, a in rows)
+    check_layers(layers, "geometry")
+    thick, thr = d.get("layer_thickness_mm"), d.get("threshold_mev")
+    if not (isinstance(thr, (int, float)) and math.isfinite(thr) and thr >= 0) or \
+            not (thick is None or isinstance(thick, (int, float)) and math.isfinite(thick) and thick > 0):
+        raise ValueError(f"geometry: threshold {thr!r} MeV or layer thickness {thick!r} mm out of range")
+    return Geometry(d["name"], str(d.get("particle")), layers, float(thr), thick, SamplingMaterial() if thick else None)
+
+
+def _check_specs(specs: list) -> None:
+    """Each stage spec's types and ranges, before anything is built (a bundle's metadata are data, not trusted)."""
+    from .generate import MAX_STEPS
+    from .samplers import SAMPLERS
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(specs, list) or not 1 <= len(specs) <= 8:
+        raise ValueError("stages: expected a list of 1 to 8 stage specs")
+    for s in specs:
+        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("parameterisation"), dict)):
+            raise ValueError("a stage spec is not {name, parameterisation, sampler}")
+        name, sp, iv = s["name"], s.get("sampler"), s.get("interval")
+        if sp is not None:
+            if not (isinstance(sp, dict) and sp.get("name") in SAMPLERS and is_int(sp.get("steps"))
+                    and 1 <= sp["steps"] <= MAX_STEPS):
+                raise ValueError(f"stage {name}: sampler {str(sp)[:120]} is not a known sampler with 1 to {MAX_STEPS} steps")
+            for key in ("sigmas", "grid"):
+                g = sp.get(key)
+                if g is not None and not (isinstance(g, list) and 2 <= len(g) <= MAX_STEPS + 1
+                                          and all(num(v) and v >= 0 for v in g) and all(b <= a for a, b in zip(g, g[1:]))):
+                    raise ValueError(f"stage {name}: its sampler's {key} is not a decreasing list of finite sigmas")
+            if "sigmas" in sp and len(sp["sigmas"]) != sp["steps"] + 1:
+                raise ValueError(f"stage {name}: sampler steps {sp['steps']} but a grid of {len(sp['sigmas']) - 1} steps")
+        if iv is not None and not (isinstance(iv, dict) and num(iv.get("t_max")) and 0 < iv["t_max"] < 1
+                                   and is_int(iv.get("max_steps")) and 1 <= iv["max_steps"] <= 2 ** 16
+                                   and not iv["max_steps"] & (iv["max_steps"] - 1)):
+            raise ValueError(f"stage {name}: interval {str(iv)[:120]} is not t_max in (0, 1) and a power-of-two max_steps")
+
+
+def _check_weights(net: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, stage: str) -> None:
+    """The file's tensors under `prefix` against the state dict of `net` (built on the meta device: no memory)."""
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    have = {k[len(prefix):]: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefix)}
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    other = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
+    if missing or extra or other:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+                 f"{len(other)} of another shape (e.g. {other[0]}: {have[other[0]]} in the file, {want[other[0]]} "
+                 "in the network)" if other else ""]
+        raise ValueError(f"the {stage} stage's weights do not fit the network its metadata describe: "
+                         + ", ".join(p for p in parts if p))
 
 
 def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -280,17 +334,25 @@ def load_bundle(path: "str | Path", device: "str | torch.device" = "cpu") -> Bun
         raise ValueError(f"{path}: tensor checksum mismatch: the weights were modified or damaged")
     if "meta_sha256" in meta and _meta_sha256(meta) != meta["meta_sha256"]:
         raise ValueError(f"{path}: metadata checksum mismatch: the metadata were modified or damaged")
-    try:
+    try:   # every field is checked for type and range before anything is built or allocated
         config = from_dict(json.loads(meta["config"]))
+        check_config(config)
         geometry = _geometry_from_json(meta["geometry"])
-        consts = {k[len("transform."):]: v for k, v in tensors.items() if k.startswith("transform.")}
-        transform = transform_from_spec(geometry, json.loads(meta["transform"]), consts)
         specs = _stage_specs(meta)
+        _check_specs(specs)
+        consts = {k[len("transform."):]: v for k, v in tensors.items() if k.startswith("transform.")}
+        spec_t = json.loads(meta["transform"])
+        if not isinstance(spec_t, dict):
+            raise ValueError("transform: expected an object")
+        transform = transform_from_spec(geometry, spec_t, consts)
         if [s["name"] for s in specs] != list(transform.stages):
             raise ValueError(f"stages {[s['name'] for s in specs]} do not fit a {transform.spec()['kind']} transform")
         stages = []
         for k, spec in enumerate(specs):
             iv = spec.get("interval")
+            with torch.device("meta"):
+                _check_weights(stage_network(config, transform, k, extra_cond=1 if iv else 0), tensors,
+                               spec["prefix"], spec["name"])
             net = stage_network(config, transform, k, extra_cond=1 if iv else 0)
             net.load_state_dict({key[len(spec["prefix"]):]: v.float() for key, v in tensors.items()
                                  if key.startswith(spec["prefix"])}, strict=True)
@@ -298,8 +360,9 @@ def load_bundle(path: "str | Path", device: "str | torch.device" = "cpu") -> Bun
             den = IntervalDenoiser(net, param, float(iv["t_max"]), int(iv["max_steps"])) if iv else \
                 Preconditioned(net, param)
             stages.append(Stage(spec["name"], den.eval().requires_grad_(False), spec["sampler"]))
-    except (KeyError, ValueError, RuntimeError, TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: inconsistent bundle metadata or weights ({err})") from None
+    except Exception as err:   # noqa: BLE001 -- whatever a damaged or edited file provokes: one line, never a traceback
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ValueError(f"{path}: inconsistent bundle metadata or weights ({text})") from None
     return Bundle(stages, transform, config, meta, path).to(device)
 
 

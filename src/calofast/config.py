@@ -242,9 +242,12 @@ _RULES = [
     ("budget_seconds", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
     ("max_seconds", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
     ("warmup_showers", lambda v: v >= 0, ">= 0"), ("ema_halflife_showers", lambda v: v >= 1, "at least 1"),
-    ("heads", lambda v: v >= 1, "at least 1"), ("width", lambda v: v >= 1, "at least 1"),
-    ("depth", lambda v: v >= 1, "at least 1"), ("emb_dim", lambda v: v >= 1, "at least 1"),
-    ("mlp_hidden", lambda v: v >= 0, ">= 0 (0: 4 x width)"),
+    ("heads", lambda v: 1 <= v <= 256, "in 1..256"), ("width", lambda v: 1 <= v <= 16384, "in 1..16384"),
+    ("depth", lambda v: 1 <= v <= 256, "in 1..256"), ("emb_dim", lambda v: 1 <= v <= 16384, "in 1..16384"),
+    ("mlp_hidden", lambda v: 0 <= v <= 65536, "in 0..65536 (0: 4 x width)"),
+    ("blocks", lambda v: 1 <= v <= 64, "in 1..64"),
+    ("channels", lambda v: 1 <= len(v) <= 16 and all(1 <= c <= 4096 for c in v), "1-16 levels of 1..4096"),
+    ("patch", lambda v: all(p >= 1 for p in v), "at least 1 in each direction"),
     ("timesteps", lambda v: 2 <= v <= 100_000, "between 2 and 100,000"),
     ("sigma_min", lambda v: math.isfinite(v) and v > 0, "finite and > 0"),
     ("sigma_max", lambda v: math.isfinite(v) and v > 0, "finite and > 0"),
@@ -305,20 +308,44 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(d: dict, cls=Config):
-    """Rebuild a config from `to_dict` output; unknown keys raise (the file is from another version)."""
+def _typed(value, typ, key: str):
+    """`value` (from JSON) as a field of type `typ`, or a ValueError naming the key: a file's config is data."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if origin is typing.Literal:
+        ok = value in args
+    elif origin is tuple:
+        ok = isinstance(value, list) and all(is_int(v) for v in value) and (
+            len(args) == 2 and args[1] is Ellipsis or len(value) == len(args))
+        value = tuple(value) if ok else value
+    elif typ is bool:
+        ok = isinstance(value, bool)
+    elif typ is int:
+        ok = is_int(value)
+    elif typ is float:
+        ok = (is_int(value) or isinstance(value, float))
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, typ)
+    if not ok:
+        raise ValueError(f"config key {key!r}: {value!r} is not a valid {getattr(typ, '__name__', typ)}")
+    return value
+
+
+def from_dict(d: dict, cls=Config, prefix: str = ""):
+    """Rebuild a config from `to_dict` output; unknown keys and values of the wrong type raise (the file is from
+    another version, or edited)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config{' section ' + prefix.rstrip('.') if prefix else ''}: expected an object, got "
+                         f"{type(d).__name__}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in d.items():
         if key not in hints:
             raise ValueError(f"unknown config key {key!r} for {cls.__name__}")
         typ = hints[key]
-        if dataclasses.is_dataclass(typ):
-            kwargs[key] = from_dict(value, typ)
-        elif typing.get_origin(typ) is tuple:
-            kwargs[key] = tuple(value)
-        else:
-            kwargs[key] = value
+        kwargs[key] = from_dict(value, typ, f"{prefix}{key}.") if dataclasses.is_dataclass(typ) else \
+            _typed(value, typ, prefix + key)
     return cls(**kwargs)
 
 

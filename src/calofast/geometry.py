@@ -23,7 +23,10 @@ import numpy as np
 import torch
 
 __all__ = ["Layer", "SamplingMaterial", "Geometry", "PRESETS", "get_geometry", "parse_binning_xml",
-           "geometry_for_voxels"]
+           "geometry_for_voxels", "check_layers"]
+
+MAX_BINS = 10_000          # layers, angular bins or radial edges of one layer: more is a damaged file, not a detector
+MAX_VOXELS = 2_000_000     # DS3 has 40,500
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,25 @@ class Layer:
     @property
     def n_voxels(self) -> int:
         return self.n_r * self.n_alpha
+
+
+def check_layers(layers: "tuple[Layer, ...]", where: str) -> None:
+    """Refuse bins that are not a detector (one line naming `where`): 1..MAX_BINS layers, angular bins and radial
+    edges per layer, edges finite, >= 0 and increasing, 1..MAX_VOXELS voxels in all."""
+    if not 1 <= len(layers) <= MAX_BINS:
+        raise ValueError(f"{where}: {len(layers)} layers; expected 1 to {MAX_BINS}")
+    for l in layers:
+        e = l.r_edges
+        ok = (isinstance(l.n_alpha, int) and 1 <= l.n_alpha <= MAX_BINS and len(e) <= MAX_BINS + 1
+              and all(isinstance(v, (int, float)) and math.isfinite(v) for v in e)
+              and (not e or e[0] >= 0) and all(b > a for a, b in zip(e, e[1:])))
+        if not ok:
+            shown = ", ".join(str(v) for v in e[:6]) + (", ..." if len(e) > 6 else "")
+            raise ValueError(f"{where}: layer {l.id} has invalid bins (n_bin_alpha={l.n_alpha}, r_edges [{shown}]; "
+                             f"expected 1 to {MAX_BINS} angular bins and finite, non-negative, increasing edges)")
+    n = sum(l.n_voxels for l in layers)
+    if not 1 <= n <= MAX_VOXELS:
+        raise ValueError(f"{where}: {n} voxels; expected 1 to {MAX_VOXELS:,}")
 
 
 @dataclass(frozen=True)
@@ -316,11 +338,10 @@ def parse_binning_xml(path: "str | Path", particle: str | None = None) -> Geomet
             raise ValueError(f"{path}: malformed <Layer> {el.attrib}: {err}") from None
         if len(edges) < 2:
             edges = _EMPTY
-        if n_alpha < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
-            raise ValueError(f"{path}: layer {lid} has invalid bins (n_bin_alpha={n_alpha}, r_edges not increasing)")
         layers.append(Layer(lid, edges, n_alpha))
     if not layers:
         raise ValueError(f"{path}: <Bin name=\"{chosen.get('name')}\"> has no <Layer>")
+    check_layers(tuple(layers), str(path))
     name = chosen.get("name", "unknown")
     return Geometry(f"{path.name}:{name}", name, tuple(layers),
                     threshold_mev=_PAR04_THRESHOLD_MEV if name == "electron" else 1.0)

@@ -5,6 +5,8 @@ embedding, zero-initialised as in DiT's adaLN-Zero) -> Linear -> SiLU -> Linear.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +46,7 @@ class ResMLP(nn.Module):
                  cond_dim: int = 1, mlp_ratio: float = 2.0):
         super().__init__()
         self.shape = tuple(shape)
-        dim = int(torch.tensor(self.shape).prod())
+        dim = math.prod(self.shape)
         self.emb = Embedding(emb_dim, cond_dim)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList([_Block(width, int(width * mlp_ratio), emb_dim) for _ in range(depth)])
