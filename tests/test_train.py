@@ -1,5 +1,6 @@
 """Training: loss falls, CLI and config, bundles, kill-and-resume, 2-process DDP on CPU (gloo)."""
 import json
+import io
 import os
 import signal
 import subprocess
@@ -183,3 +184,33 @@ def test_diverging_training_stops_with_one_line_and_writes_no_bundle(tmp_path, c
     errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("calofast: error:")]
     assert len(errors) == 1 and "training loss is" in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "run/model.safetensors").exists()
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (os.system, ("echo should-never-run",))
+
+
+def test_damaged_resume_state_is_refused_in_one_line(tmp_path, capsys):
+    """A truncated, hostile (pickled object) or foreign state.pt: exit 2, one line naming the file and how to start
+    afresh; nothing in it is executed, and the bundle beside it is untouched."""
+    import pickle
+    data, xml = tiny_data(tmp_path), tiny_xml(tmp_path)
+    cmd = ["train", "--data", str(data), "--preset", "tiny", "--set", f"geometry={xml}", "--set", "train.showers=64",
+           "-o", str(tmp_path / "r")]
+    assert main(cmd) == 0
+    state, bundle = tmp_path / "r/state.pt", tmp_path / "r/model.safetensors"
+    raw, kept = state.read_bytes(), bundle.read_bytes()
+    damaged = {"truncated": lambda: state.write_bytes(raw[:5000]),
+               "hostile": lambda: state.write_bytes(pickle.dumps({"model": _Hostile()})),
+               "a list": lambda: torch.save([1, 2], state),
+               "counts as text": lambda: torch.save({"shown": "many", "step": 1}, state),
+               "no optimiser": lambda: torch.save({k: v for k, v in torch.load(io.BytesIO(raw), weights_only=True).items()
+                                                   if k != "opt"}, state)}
+    for name, make in damaged.items():
+        make()
+        capsys.readouterr()
+        assert main(cmd) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(state) in err and "afresh" in err and "weights_only" not in err, (name, err)
+        assert bundle.read_bytes() == kept

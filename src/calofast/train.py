@@ -19,7 +19,9 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -100,6 +102,33 @@ def _all_mean(value: float, d: Dist) -> float:
     return float(t) / d.world
 
 
+def _resume(state_path: Path, model, ema, opt, extra_modules: dict, gen: torch.Generator, rank: int):
+    """Load a resume state into the modules; returns (shown, step, elapsed). A damaged or foreign file (truncated,
+    not weights-only, wrong structure) is one line naming it, never a traceback or an unpickled object."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            st = load_state(state_path)
+        if not isinstance(st, dict):
+            raise ValueError(f"holds a {type(st).__name__}, not a state")
+        shown, step, elapsed = st["shown"], st["step"], float(st.get("elapsed", 0.0))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (shown, step)):
+            raise ValueError(f"showers {shown!r} and step {step!r} are not counts")
+        model.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        for name, module in extra_modules.items():
+            module.load_state_dict(st["extra"][name])
+        gen.set_state(st["gen"][rank] if rank < len(st["gen"]) else st["gen"][0])
+    except Exception as err:   # noqa: BLE001 -- whatever the file provokes
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        if isinstance(err, pickle.UnpicklingError):   # torch's text suggests weights_only=False: never do that here
+            text = "it holds objects other than tensors and plain values; they were refused, nothing was executed"
+        raise ValueError(f"{state_path}: not a usable resume state ({type(err).__name__}: {text}); delete it to start "
+                         "this run afresh, or choose a new output folder") from None
+    return shown, step, elapsed
+
+
 def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg: TrainConfig, run_dir: Path,
         *, on_checkpoint: Callable[[nn.Module, int], None] | None = None, dist_info: Dist | None = None,
         desc: str = "train", after_step: Callable[[nn.Module], None] | None = None,
@@ -133,14 +162,7 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
     gen.manual_seed(cfg.seed * 1009 + d.rank)
     shown, step, elapsed = 0, 0, 0.0
     if state_path.exists():
-        st = load_state(state_path)
-        model.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        shown, step, elapsed = st["shown"], st["step"], float(st.get("elapsed", 0.0))
-        for name, module in extra_modules.items():
-            module.load_state_dict(st["extra"][name])
-        gen.set_state(st["gen"][d.rank] if d.rank < len(st["gen"]) else st["gen"][0])
+        shown, step, elapsed = _resume(state_path, model, ema, opt, extra_modules, gen, d.rank)
         if d.main:
             log.info("resumed %s from %d showers", run_dir, shown)
     fwd = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) \
