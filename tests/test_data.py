@@ -1,3 +1,10 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -69,6 +76,38 @@ def test_interrupted_write_leaves_no_file(tmp_path):
         with ShowerWriter(target, 6480, force=True) as w:
             raise RuntimeError("killed")
     np.testing.assert_array_equal(read_showers(target)[1], s)
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    """A SIGKILL strands `.NAME.PID.tmp`; the next write to NAME removes it unless its process still runs."""
+    e, s = _sample(n=5)
+    dead = 2 ** 22 + 12345                              # above Linux's default pid_max: no such process
+    stale, live = tmp_path / f".a.h5.{dead}.tmp", tmp_path / f".a.h5.{os.getppid()}.tmp"
+    other = tmp_path / f".b.h5.{dead}.tmp"
+    for p in (stale, live, other):
+        p.write_bytes(b"x" * 96)
+    write_showers(tmp_path / "a.h5", e, s)
+    assert not stale.exists() and live.exists() and other.exists()    # only a.h5's, only a dead process's
+
+
+def test_sigterm_removes_the_partial_output(tmp_path):
+    """SIGTERM during a long write: exit 143, one line, no file under the name and no temporary left."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    out = tmp_path / "g.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "calofast", "gflash", "--geometry", "ds2", "--n", "2000000",
+                             "--workers", "1", "--chunk", "500", "-o", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".g.h5.*.tmp")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".g.h5.*.tmp")), "the temporary never appeared"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("calofast:")]
+    assert last == ["calofast: interrupted (SIGTERM); no partial output was kept"], err[-500:]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_not_hdf5_and_truncated(tmp_path):

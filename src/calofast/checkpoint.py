@@ -26,7 +26,7 @@ from torch import nn
 
 from . import __version__
 from .config import Config, check_config, from_dict, to_dict
-from .data import claim_output
+from .data import claim_output, temporary_for
 from .diffusion import Preconditioned, parameterisation_from_dict, parameterisation_to_dict
 from .geometry import Geometry, Layer, PRESETS, SamplingMaterial, check_layers
 from .interval import IntervalDenoiser
@@ -64,7 +64,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     untouched; an OSError names `path`."""
     path = Path(path)
     claim_output(path, force=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_for(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 __all__ = ["main"]
@@ -381,11 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "set-sampler": cmd_set_sampler, "prune": cmd_prune})
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every open output is cleaned up the same way."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         return args.func(args)
     except (ValueError, OSError, KeyError) as err:
@@ -394,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(err).strip("'\"") or type(err).__name__
         print(f"calofast: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("calofast: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:   # Ctrl-C (130) or SIGTERM (143): outputs were removed or left untouched
+        term = isinstance(err, Terminated)
+        print(f"calofast: interrupted ({'SIGTERM' if term else 'SIGINT'}); no partial output was kept", file=sys.stderr)
+        return 143 if term else 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)

@@ -10,6 +10,7 @@ write never leaves a half file under the final name; an existing file is kept un
 """
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,27 @@ def claim_output(path: Path, force: bool, error: type[Exception] = ValueError) -
                     "(--force only overwrites regular files)")
     if path.exists() and not force:
         raise error(f"{path}: exists already; refusing to overwrite (use --force)")
+
+
+def temporary_for(path: Path) -> Path:
+    """The temporary a write to `path` goes through (`.NAME.PID.tmp` beside it, renamed at the end). Temporaries of
+    `path` that a killed calofast left behind (their process no longer runs on this machine) are removed first, so
+    that a SIGKILL or a power cut strands nothing for longer than the next run."""
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = old.name[len(path.name) + 2:-len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            old.unlink(missing_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # another user's process: alive
+        return True
+    return True
 
 
 class ShowerFileError(ValueError):
@@ -188,7 +210,7 @@ class ShowerWriter:
         self.path = Path(path)
         claim_output(self.path, force, ShowerFileError)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.tmp = temporary_for(self.path)
         self.n_voxels, self.n = n_voxels, 0
         self._f = h5py.File(self.tmp, "w")
         # Level 0: no compression (scratch files; official files are gzip-compressed).
