@@ -104,6 +104,12 @@ class DistillConfig:
     mf_ratio: float = 0.25               # meanflow: share of each batch with r < t (the rest flow matching, r = t)
     mf_p: float = 1.0                    # meanflow: adaptive weight 1 / (|err|^2 + 1e-3)^p per event (0: plain)
     mf_eps: float = 2e-3                 # meanflow: finite-difference step in t of the total derivative (<= h / 2)
+    dmd_weight: float = 0.0              # shortcut: weight of the distribution-matching term (distill/dmd.py; 0 = off)
+    dmd_fraction: float = 0.25           # dmd: share of each batch whose conditions the student makes showers for
+    dmd_jumps: tuple[int, ...] = (1, 2)  # dmd: the student's step counts whose showers are matched
+    dmd_updates: int = 2                 # dmd: critic (fake-score) optimiser steps per student step
+    dmd_lr: float = 0.0                  # dmd: the critic's learning rate (0 = distill.lr)
+    dmd_warmup: int = 300                # dmd: student steps over which the term ramps up from 0 (the critic learns)
 
 
 _FLOW = DiffusionConfig(param="flow", p_mean=0.0, p_std=1.0, sigma_max=160.0)
@@ -264,6 +270,11 @@ _DISTILL_RULES = [
     ("sc_teacher_steps", lambda v: v >= 2, "at least 2"),
     ("mf_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"), ("mf_p", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
     ("mf_eps", lambda v: 0 < v <= 0.01, "in (0, 0.01]"),
+    ("dmd_weight", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
+    ("dmd_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("dmd_jumps", lambda v: 1 <= len(v) <= 8 and all(1 <= k <= 64 for k in v), "1-8 step counts of 1..64"),
+    ("dmd_updates", lambda v: 1 <= v <= 16, "in 1..16"),
+    ("dmd_lr", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"), ("dmd_warmup", lambda v: v >= 0, ">= 0"),
     ("lr", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
 ]
 

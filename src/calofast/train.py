@@ -132,12 +132,14 @@ def _resume(state_path: Path, model, ema, opt, extra_modules: dict, gen: torch.G
 def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg: TrainConfig, run_dir: Path,
         *, on_checkpoint: Callable[[nn.Module, int], None] | None = None, dist_info: Dist | None = None,
         desc: str = "train", after_step: Callable[[nn.Module], None] | None = None,
-        extra_modules: dict[str, nn.Module] | None = None) -> tuple[nn.Module, bool]:
+        extra_modules: dict[str, nn.Module] | None = None,
+        log_extra: Callable[[], dict] | None = None) -> tuple[nn.Module, bool]:
     """Train `model` on `data` (tensors indexed along dim 0, all on the training device).
 
     `loss_fn(model, *batch, generator)` returns a scalar. `after_step(model)` runs after every
-    optimiser step (e.g. a consistency target EMA); `extra_modules` are saved in and restored from the
-    resume state with the rest. Training ends after `showers`, or after `budget_seconds` of training time
+    optimiser step (e.g. a consistency target EMA); `extra_modules` (anything with state_dict and
+    load_state_dict) are saved in and restored from the resume state with the rest; `log_extra()` gives
+    more entries for each stats.jsonl record. Training ends after `showers`, or after `budget_seconds` of training time
     (summed over resumes) if that comes first; the cosine decay follows whichever is further along.
     Returns (ema model, finished); finished is False when `max_seconds`
     stopped the run early (re-run to continue).
@@ -242,7 +244,7 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
             if d.main:
                 rec = {"step": step, "showers": shown, "loss": mean_loss, "lr": lr,
                        "showers_per_s": (shown - shown_log) / max(now - t_log, 1e-9), "time": now,
-                       "elapsed_s": round(elapsed, 2)}
+                       "elapsed_s": round(elapsed, 2), **(log_extra() if log_extra is not None else {})}
                 with open(stats_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{mean_loss:.4f}")

@@ -23,6 +23,7 @@ from ..diffusion import Boundary, Preconditioned
 from ..schedules import SIGMA_MAX_CAP, karras_consistency
 from ..train import fit, load_training_data, setup_distributed
 from .consistency import consistency_loss, consistency_points, update_target
+from .dmd import DistributionMatching
 from .meanflow import meanflow_loss
 from .progressive import progressive_loss, student_grid
 from .shortcut import TeacherTargets, shortcut_loss
@@ -169,9 +170,12 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
             raise ValueError(f"{teacher_path}: its {stage.name} stage is a shortcut model with max_steps "
                              f"{stage.denoiser.max_steps}; distill.sc_max_steps={dc.sc_max_steps} cannot continue it")
     targets_bundle = teacher_bundle
+    if dc.dmd_weight > 0 and (dc.sc_loss != "shortcut" or d.world > 1):
+        raise ValueError("distill.dmd_weight > 0 (distribution matching) runs with the shortcut loss on one process")
     if targets_from is not None:
-        if dc.sc_teacher_fraction <= 0:
-            raise ValueError("--targets-from needs teacher-ODE targets: set distill.sc_teacher_fraction > 0")
+        if dc.sc_teacher_fraction <= 0 and dc.dmd_weight <= 0:
+            raise ValueError("--targets-from names the teacher of the teacher-ODE targets or of distribution "
+                             "matching: set distill.sc_teacher_fraction > 0 or distill.dmd_weight > 0")
         targets_bundle = load_bundle(targets_from, d.device)
         if not _same_transform(targets_bundle, teacher_bundle):
             raise ValueError(f"{targets_from}: its transform (stages, geometry or fitted constants) differs from "
@@ -197,6 +201,8 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
                    "method": "shortcut", "sigma_max": s_max}
         if targets_from is not None and k == main_k and d.main:
             sampler["targets"] = file_sha256(targets_bundle.path)
+        if dc.dmd_weight > 0 and k == main_k:
+            sampler["dmd"] = {"weight": dc.dmd_weight, "jumps": list(dc.dmd_jumps)}
 
         def write(ema, shown, k=k, sampler=sampler):
             done = stages[:k] + [stages[k].with_denoiser(ema, sampler)] + stages[k + 1:]
@@ -208,17 +214,27 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
         targets = TeacherTargets.of(targets_bundle.stages[k].denoiser, cfg.train.compile, t_max=t_max, fraction=dc.sc_teacher_fraction,
                                     levels=dc.sc_teacher_levels, steps=dc.sc_teacher_steps) \
             if k == main_k and dc.sc_teacher_fraction > 0 else None
+        dm = DistributionMatching.of(targets_bundle.stages[k].denoiser, t_max=t_max, jumps=dc.dmd_jumps,
+                                     fraction=dc.dmd_fraction, updates=dc.dmd_updates, lr=dc.dmd_lr or dc.lr,
+                                     grad_clip=cfg.train.grad_clip, warmup=dc.dmd_warmup, compile=cfg.train.compile) \
+            if k == main_k and dc.dmd_weight > 0 else None
         if dc.sc_loss == "meanflow":
             loss = lambda model, x, c, g, t_max=t_max, sample_sigma=sample_sigma, targets=targets: meanflow_loss(
                 model, x, c, t_max, sample_sigma, dc.mf_ratio, dc.mf_p, dc.mf_eps, g, targets)
-        else:
+        elif dm is None:
             loss = lambda model, x, c, g, t_max=t_max, sample_sigma=sample_sigma, targets=targets: shortcut_loss(
                 model, x, c, t_max, dc.sc_max_steps, dc.sc_fraction, sample_sigma, g, targets)
+        else:
+            loss = lambda model, x, c, g, t_max=t_max, sample_sigma=sample_sigma, targets=targets: shortcut_loss(
+                model, x, c, t_max, dc.sc_max_steps, dc.sc_fraction, sample_sigma, g, targets) \
+                + dc.dmd_weight * dm.loss(model, x, c, g)
         base = cfg.train if k == main_k else cfg.stage("energy")[2]
         showers = dc.sc_showers if k == main_k else base.showers
         sc_cfg = replace(base, showers=showers, warmup_showers=min(base.warmup_showers, showers // 10), lr=dc.lr)
         ema, finished = fit(loss, student, data[k], sc_cfg, run_dir if k == main_k else run_dir / stages[k].name,
-                            on_checkpoint=write, dist_info=d, desc=f"shortcut {stages[k].name}")
+                            on_checkpoint=write, dist_info=d, desc=f"shortcut {stages[k].name}",
+                            extra_modules={"dmd": dm} if dm is not None else None,
+                            log_extra=dm.stats if dm is not None else None)
         if not finished:
             log.info("stopped early in the %s stage; re-run to resume", stages[k].name)
             return bundle_path
