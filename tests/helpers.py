@@ -38,3 +38,11 @@ def awake_transformer(depth: int):
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.2)
     return net
+
+
+def tiny_teacher(tmp: Path, *overrides: str) -> Path:
+    """A tiny factorised model (preset tiny-factorised, `overrides` as --set) trained on `tiny_data(tmp)`."""
+    from calofast.config import apply_overrides, get_preset
+    from calofast.train import train_model
+    cfg = apply_overrides(get_preset("tiny-factorised"), [f"geometry={tiny_xml(tmp)}", *overrides])
+    return train_model(cfg, tiny_data(tmp), tmp / "run")

@@ -9,15 +9,14 @@ import torch
 from torch import nn
 
 from calofast.checkpoint import load_bundle
-from calofast.config import apply_overrides, get_preset
+from calofast.config import apply_overrides
 from calofast.diffusion import Flow
 from calofast.distill import distill_shortcut
 from calofast.distill.dmd import DistributionMatching, jump_sample
 from calofast.interval import IntervalDenoiser, uniform_grid, widen_condition
 from calofast.samplers import euler
-from calofast.train import train_model
 
-from helpers import tiny_data, tiny_xml
+from helpers import tiny_data, tiny_teacher
 
 
 class Gaussian(nn.Module):
@@ -48,8 +47,7 @@ class Scaled(nn.Module):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dmd")
-    cfg = apply_overrides(get_preset("tiny-factorised"), [f"geometry={tiny_xml(tmp)}", "train.showers=3000"])
-    return train_model(cfg, tiny_data(tmp), tmp / "run"), tmp
+    return tiny_teacher(tmp, "train.showers=3000"), tmp
 
 
 def test_jumps_are_the_euler_sampler_on_the_bound_grid(teacher):

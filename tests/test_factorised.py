@@ -16,14 +16,13 @@ from calofast.rng import EventRNG
 from calofast.train import train_model
 from calofast.transforms import MAX_RESPONSE
 
-from helpers import tiny_data, tiny_xml
+from helpers import tiny_data, tiny_teacher, tiny_xml
 
 
 @pytest.fixture(scope="module")
 def factorised(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fact")
-    cfg = apply_overrides(get_preset("tiny-factorised"), [f"geometry={tiny_xml(tmp)}", "train.bundle_dtype=fp16"])
-    return train_model(cfg, tiny_data(tmp), tmp / "run"), tmp
+    return tiny_teacher(tmp, "train.bundle_dtype=fp16"), tmp
 
 
 def test_bundle_holds_both_stages_in_fp16(factorised):

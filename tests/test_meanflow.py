@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from calofast.checkpoint import load_bundle
-from calofast.config import apply_overrides, get_preset
+from calofast.config import apply_overrides
 from calofast.distill import distill_shortcut
 from calofast.distill.meanflow import meanflow_target
 from calofast.generate import sample_batch
 from calofast.interval import IntervalDenoiser
-from calofast.train import train_model
 
-from helpers import tiny_data, tiny_xml
+from helpers import tiny_data, tiny_teacher
 from oracle import GaussianDenoiser
 
 
@@ -64,8 +63,7 @@ def test_meanflow_target_is_the_exact_average_velocity_on_the_gaussian_oracle():
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mf")
-    cfg = apply_overrides(get_preset("tiny-factorised"), [f"geometry={tiny_xml(tmp)}", "train.showers=6000"])
-    return train_model(cfg, tiny_data(tmp), tmp / "run"), tmp
+    return tiny_teacher(tmp, "train.showers=6000"), tmp
 
 
 def test_meanflow_student_trains_samples_and_nears_the_teacher_ode(teacher, tmp_path):

@@ -8,23 +8,21 @@ import torch
 
 from calofast.checkpoint import load_bundle
 from calofast.cli import main
-from calofast.config import apply_overrides, get_preset
+from calofast.config import apply_overrides
 from calofast.data import read_showers
 from calofast.distill import distill_shortcut, distill_sigma_range
 from calofast.generate import sample_batch, sampling_plan
 from calofast.interval import IntervalDenoiser, bind, interval_code, uniform_grid, velocity, widen_condition
 from calofast.rng import EventRNG
 from calofast.samplers import euler, euler_step
-from calofast.train import train_model
 
-from helpers import tiny_data, tiny_xml
+from helpers import tiny_data, tiny_teacher
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sc")
-    cfg = apply_overrides(get_preset("tiny-factorised"), [f"geometry={tiny_xml(tmp)}", "train.showers=6000"])
-    return train_model(cfg, tiny_data(tmp), tmp / "run"), tmp
+    return tiny_teacher(tmp, "train.showers=6000"), tmp
 
 
 def _inputs(b, n=64, seed=0):
