@@ -188,3 +188,29 @@ def test_help_names_shipped_models_and_the_protocol_sizes(capsys):
         main(["evaluate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(f"{n:,}" in text for n in PROTOCOL_EVENTS.values())
+
+
+def test_an_interrupt_raised_where_python_ignores_it_is_not_lost(monkeypatch, capsys):
+    """A SIGTERM whose handler runs inside a weakref callback (as during gflash's garbage collection) raises where
+    Python can only print "Exception ignored"; the command must still end with 143, not work on."""
+    import signal
+    import time
+    import weakref
+
+    import calofast.cli as cli
+
+    def busy(args):
+        class Obj:
+            pass
+        obj = Obj()
+        ref = weakref.ref(obj, lambda r: cli._on_sigterm(signal.SIGTERM, None))  # noqa: F841 (kept alive)
+        del obj                                    # the callback raises Terminated: ignored by Python
+        end = time.time() + 5
+        while time.time() < end:                   # the work that would go on
+            pass
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_info", busy)
+    assert main(["info", "any.h5"]) == 143
+    err = capsys.readouterr().err
+    assert "interrupted (SIGTERM)" in err and "Exception ignored" not in err

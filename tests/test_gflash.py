@@ -151,6 +151,23 @@ def test_deterministic_per_event(gf):
     assert not np.array_equal(gf.simulate(e[:3], 10, range(3)), full[:3])
 
 
+
+def test_file_does_not_depend_on_chunks_or_workers(tmp_path):
+    """Event k of a written file depends only on (seed, k): the energies are drawn chunk by chunk (in the workers),
+    and equal the spectrum's draw over the whole range; an energy array is used as given."""
+    from calofast.data import read_showers
+    from calofast.energies import parse_spectrum
+    from calofast.gflash import write_gflash
+    spec = "log-uniform:1GeV:1TeV"
+    a = read_showers(write_gflash(tmp_path / "a.h5", DS2, 23, spec, 5, chunk=7, workers=2, progress=False))
+    b = read_showers(write_gflash(tmp_path / "b.h5", DS2, 23, spec, 5, chunk=50, progress=False))
+    drawn = parse_spectrum(spec).sample(5, range(23))
+    np.testing.assert_array_equal(a[0].ravel(), drawn.astype(np.float32))       # the file holds float32
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    c = read_showers(write_gflash(tmp_path / "c.h5", DS2, 23, drawn, 5, chunk=4, progress=False))
+    np.testing.assert_array_equal(c[1], a[1])
+
 def test_needs_material():
     with pytest.raises(ValueError, match="no material"):
         GFlash(PRESETS["ds1-photons"])

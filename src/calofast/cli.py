@@ -391,6 +391,22 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _unraisable(previous):
+    """A sys.unraisablehook that does not lose an interrupt: Python ignores an exception raised where it cannot
+    propagate (a weakref callback, a __del__ during garbage collection), so a Ctrl-C or SIGTERM whose handler ran
+    there would be swallowed and the work would go on. The signal is sent again a moment later, from a thread, so
+    that it lands in ordinary code (sent from here it would be handled, and ignored, inside this hook)."""
+    def hook(unraisable):
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            sig = signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT
+            again = threading.Timer(0.05, os.kill, (os.getpid(), sig))
+            again.daemon = True
+            again.start()
+        else:
+            previous(unraisable)
+    return hook
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -398,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     in_main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    old_hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
     try:
         return args.func(args)
     except (ValueError, OSError, KeyError) as err:
@@ -411,5 +428,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"calofast: interrupted ({'SIGTERM' if term else 'SIGINT'}); no partial output was kept", file=sys.stderr)
         return 143 if term else 130
     finally:
+        sys.unraisablehook = old_hook
         if in_main:
             signal.signal(signal.SIGTERM, old)

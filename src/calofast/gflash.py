@@ -285,8 +285,12 @@ def _interleave(core: np.ndarray, tail: np.ndarray) -> np.ndarray:
 
 
 def _simulate_chunk(args) -> tuple[np.ndarray, np.ndarray]:
-    geometry, config, seed, lo, energies = args
-    return energies, GFlash(geometry, config).simulate(energies, seed, range(lo, lo + len(energies)))
+    """One chunk: events lo..hi-1, their energies given, or drawn here from a spectrum (event k's from (seed, k)
+    alone, so a worker draws its own chunk's: nothing of size n is made before the first chunk)."""
+    geometry, config, seed, lo, hi, energies = args
+    if not isinstance(energies, np.ndarray):
+        energies = energies.sample(seed, range(lo, hi))
+    return energies, GFlash(geometry, config).simulate(energies, seed, range(lo, hi))
 
 
 def write_gflash(path, geometry: Geometry, n: int, energies: "str | np.ndarray", seed: int, *,
@@ -310,17 +314,18 @@ def write_gflash(path, geometry: Geometry, n: int, energies: "str | np.ndarray",
     gen = GFlash(geometry, config)
     if isinstance(energies, str):
         spectrum = parse_spectrum(energies)
-        all_e = spectrum.sample(seed, range(n))
-        label = spectrum.text
+        lowest, label = spectrum.low, spectrum.text
+        source = lambda lo, hi: spectrum                        # noqa: E731 (each chunk draws its own)
     else:
         all_e = np.asarray(energies, float).reshape(-1)
         if len(all_e) != n:
             raise ValueError(f"{len(all_e)} incident energies given for {n} showers")
-        label = "from array"
-    gen.profile_parameters(np.array([all_e.min() * 1e-3]))      # fail before writing anything
+        lowest, label = all_e.min(), "from array"
+        source = lambda lo, hi: all_e[lo:hi]                    # noqa: E731
+    gen.profile_parameters(np.array([lowest * 1e-3]))           # fail before writing anything
     attrs = {"generator": "calofast.gflash", "geometry": geometry.name, "seed": seed,
              "energies": label, "c_s": config.c_s}
-    jobs = [(geometry, config, seed, lo, all_e[lo:lo + chunk]) for lo in range(0, n, chunk)]
+    jobs = ((geometry, config, seed, lo, min(n, lo + chunk), source(lo, min(n, lo + chunk))) for lo in range(0, n, chunk))
     with ShowerWriter(path, geometry.n_voxels, force=force, attrs=attrs, compression_level=compression_level) as writer, \
             tqdm(total=n, unit="shower", desc=f"gflash {geometry.name}", disable=not progress) as bar:
         with get_context("spawn").Pool(workers) if workers > 1 else nullcontext() as pool:
