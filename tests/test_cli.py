@@ -203,7 +203,8 @@ def test_an_interrupt_raised_where_python_ignores_it_is_not_lost(monkeypatch, ca
         class Obj:
             pass
         obj = Obj()
-        ref = weakref.ref(obj, lambda r: cli._on_sigterm(signal.SIGTERM, None))  # noqa: F841 (kept alive)
+        ref = weakref.ref(obj, lambda r: cli._on_sigterm(signal.SIGTERM, None))
+        assert ref() is obj
         del obj                                    # the callback raises Terminated: ignored by Python
         end = time.time() + 5
         while time.time() < end:                   # the work that would go on
