@@ -151,7 +151,6 @@ def test_deterministic_per_event(gf):
     assert not np.array_equal(gf.simulate(e[:3], 10, range(3)), full[:3])
 
 
-
 def test_file_does_not_depend_on_chunks_or_workers(tmp_path):
     """Event k of a written file depends only on (seed, k): the energies are drawn chunk by chunk (in the workers),
     and equal the spectrum's draw over the whole range; an energy array is used as given."""
@@ -167,6 +166,7 @@ def test_file_does_not_depend_on_chunks_or_workers(tmp_path):
         np.testing.assert_array_equal(x, y)
     c = read_showers(write_gflash(tmp_path / "c.h5", DS2, 23, drawn, 5, chunk=4, progress=False))
     np.testing.assert_array_equal(c[1], a[1])
+
 
 def test_needs_material():
     with pytest.raises(ValueError, match="no material"):

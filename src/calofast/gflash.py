@@ -313,19 +313,18 @@ def write_gflash(path, geometry: Geometry, n: int, energies: "str | np.ndarray",
 
     gen = GFlash(geometry, config)
     if isinstance(energies, str):
-        spectrum = parse_spectrum(energies)
+        spectrum = parse_spectrum(energies)                     # each chunk draws its own energies
         lowest, label = spectrum.low, spectrum.text
-        source = lambda lo, hi: spectrum                        # noqa: E731 (each chunk draws its own)
     else:
-        all_e = np.asarray(energies, float).reshape(-1)
+        spectrum, all_e = None, np.asarray(energies, float).reshape(-1)
         if len(all_e) != n:
             raise ValueError(f"{len(all_e)} incident energies given for {n} showers")
         lowest, label = all_e.min(), "from array"
-        source = lambda lo, hi: all_e[lo:hi]                    # noqa: E731
     gen.profile_parameters(np.array([lowest * 1e-3]))           # fail before writing anything
     attrs = {"generator": "calofast.gflash", "geometry": geometry.name, "seed": seed,
              "energies": label, "c_s": config.c_s}
-    jobs = ((geometry, config, seed, lo, min(n, lo + chunk), source(lo, min(n, lo + chunk))) for lo in range(0, n, chunk))
+    spans = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
+    jobs = [(geometry, config, seed, lo, hi, all_e[lo:hi] if spectrum is None else spectrum) for lo, hi in spans]
     with ShowerWriter(path, geometry.n_voxels, force=force, attrs=attrs, compression_level=compression_level) as writer, \
             tqdm(total=n, unit="shower", desc=f"gflash {geometry.name}", disable=not progress) as bar:
         with get_context("spawn").Pool(workers) if workers > 1 else nullcontext() as pool:

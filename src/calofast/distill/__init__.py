@@ -225,8 +225,7 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
             loss = lambda model, x, c, g, t_max=t_max, sample_sigma=sample_sigma, targets=targets: shortcut_loss(
                 model, x, c, t_max, dc.sc_max_steps, dc.sc_fraction, sample_sigma, g, targets)
         if dm is not None:
-            loss = (lambda base: lambda model, x, c, g: base(model, x, c, g)
-                    + dc.dmd_weight * dm.loss(model, x, c, g))(loss)
+            loss = lambda model, x, c, g, base=loss: base(model, x, c, g) + dc.dmd_weight * dm.loss(model, x, c, g)
         base = cfg.train if k == main_k else cfg.stage("energy")[2]
         showers = dc.sc_showers if k == main_k else base.showers
         sc_cfg = replace(base, showers=showers, warmup_showers=min(base.warmup_showers, showers // 10), lr=dc.lr)
