@@ -57,6 +57,8 @@ def test_tiny_training_loss_falls(tmp_path):
     assert json.loads((tmp_path / "run/config.json").read_text())["train"]["showers"] == 6000
     assert bundle.meta["train_events_seen"] == str(stats[-1]["showers"]) and bundle.meta["format"] == "calofast/2"
     assert json.loads(bundle.meta["data"])[0]["sha256"] and bundle.meta["git_commit"]
+    peaks = [r["peak_host_mib"] for r in stats]          # the process's peak: recorded, positive, never falling
+    assert peaks[0] > 0 and peaks == sorted(peaks) and "peak_gpu_mib" not in stats[0]
 
 
 def test_bundle_roundtrip_gives_identical_samples(tmp_path):

@@ -22,8 +22,8 @@
 #             into runs/device/$CONT (default ds3), E_S + S_S s, compiled; evaluate it with RUNS=ds3 ... rows
 #   probe     (diagnostic) GFlash reference (seed 1001) and floor (seed 2002), 50,000 showers of MODEL (default the
 #             shipped teacher, DPM-Solver++(2M) 32) from the reference's energies, then scripts/classifier_probe.py
-#   rows      evaluate the bundles of finished runs RUNS="f0 f1" (runs/device/NAME/model.safetensors) with the full
-#             protocol at DPM-Solver++(2M) 32 (the ablation's plan), in one study
+#   rows      evaluate the bundles of finished runs RUNS="f0 f1" (runs/device/NAME/model.safetensors, else
+#             .carry/NAME.safetensors) with the full protocol at DPM-Solver++(2M) 32 (or SAMPLINGS), in one study
 #   evaluate  calofast study PLAN (default studies/ds2-factorised.toml) into runs/device/study-NAME: every row
 #             generated, timed and evaluated with the full protocol (EVAL_JOBS evaluations at a time), resumable;
 #             stops by DEADLINE s and packs each row's generation.json, metrics.json and report into the results.
@@ -211,6 +211,9 @@ case "$PHASE" in
     ;;
   rows)
     plan=$W/rows-$(echo ${RUNS:?RUNS names the runs} | tr ' ' '+').toml
+    for name in $RUNS; do   # a run trained in an earlier session: its bundle carried as .carry/NAME.safetensors
+      [ -f $W/$name/model.safetensors ] || { [ -f .carry/$name.safetensors ] && mkdir -p $W/$name && cp .carry/$name.safetensors $W/$name/model.safetensors; }
+    done
     rows_plan "runs $RUNS" $RUNS > $plan
     run_study $plan $(( ${DEADLINE:-560} - ($(date +%s) - t0) ))
     ;;

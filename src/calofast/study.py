@@ -128,6 +128,7 @@ def generate_row(row: Row, d: Path, energies: np.ndarray, models: _Models, chunk
                  progress: bool) -> Path:
     """Chunks, joined into showers.h5 (atomic), then generation.json with counted NFE and timing."""
     from .bench import bench, hardware
+    from .memory import peak_memory
     from .generate import generate_file, merge_files, parse_stage_sampler
     out, n = d / "showers.h5", len(energies)
     bundle, early = None, parse_stage_sampler(row.energy_sampler)
@@ -153,7 +154,8 @@ def generate_row(row: Row, d: Path, energies: np.ndarray, models: _Models, chunk
                "sampler": attrs.get("sampler"), "steps": attrs.get("steps"), "nfe": json.loads(attrs["nfe"]),
                "clipped": int(attrs["clipped_showers"]), "device": hardware(torch.device(models.device)),
                "dtype": "bf16" if models.bf16(row) else "fp32", "compiled": row.compile and models.device.startswith("cuda"),
-               "cuda_graph": graph, "energy_sampler": row.energy_sampler, "deep_cache": row.deep_cache, "tome": row.tome}
+               "cuda_graph": graph, "energy_sampler": row.energy_sampler, "deep_cache": row.deep_cache, "tome": row.tome,
+               **peak_memory(models.device)}     # the study process's peaks so far (all rows before this one)
         if repeats:
             t = bench(bundle, rec["sampler"], rec["steps"], batch_sizes=(min(row.batch_size, n),), repeats=repeats,
                       bf16=models.bf16(row), knobs=row.knobs or None, early=early, cuda_graph=graph)[0]

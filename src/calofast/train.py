@@ -35,6 +35,7 @@ from .config import Config, DiffusionConfig, TrainConfig, dumps
 from .data import inspect_file, iter_showers
 from .diffusion import EDM, Flow, Preconditioned, build_parameterisation, denoising_loss
 from .geometry import get_geometry
+from .memory import peak_memory
 from .transforms import ShowerTransform, fit_transform
 
 __all__ = ["Dist", "setup_distributed", "fit", "load_training_data", "train_model", "lr_at", "ema_beta", "progress"]
@@ -244,7 +245,8 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
             if d.main:
                 rec = {"step": step, "showers": shown, "loss": mean_loss, "lr": lr,
                        "showers_per_s": (shown - shown_log) / max(now - t_log, 1e-9), "time": now,
-                       "elapsed_s": round(elapsed, 2), **(log_extra() if log_extra is not None else {})}
+                       "elapsed_s": round(elapsed, 2), **peak_memory(d.device),
+                       **(log_extra() if log_extra is not None else {})}
                 with open(stats_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
