@@ -20,6 +20,7 @@ from . import __version__
 from .checkpoint import atomic_write_bytes
 from .data import ShowerFileError, file_attrs, inspect_file, iter_showers
 from .geometry import Geometry
+from .memory import peak_memory
 from .metrics.classifier import FAST, FULL, classifier_test, energy_groups, group_names, low_level_inputs
 from .metrics.compare import separation_powers, voxel_bins
 from .metrics.features import FileFeatures, apply_threshold, file_features, high_level_vector
@@ -168,8 +169,7 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
         metrics["kpd"] = {"value": k_val, "error": k_err, "x1e3": k_val * 1e3}
         lap("fpd_kpd")
     metrics["seconds"] = seconds
-    from .memory import peak_memory            # the evaluating process's peaks so far
-    metrics["memory"] = peak_memory(device if device and str(device).startswith("cuda") else None)
+    metrics["memory"] = peak_memory(device)    # the evaluating process's peaks so far
     # The numbers are safe before any plot is tried.
     atomic_write_bytes(out_dir / "metrics.json", json.dumps(metrics, indent=1).encode())
     if plots:

@@ -27,6 +27,7 @@ import numpy as np
 from .checkpoint import atomic_write_bytes
 from .data import file_attrs, inspect_file, read_energies
 from .geometry import Geometry, get_geometry
+from .memory import peak_memory
 from .study_plan import FLOOR, Plan, Row, load_plan, select
 
 __all__ = ["run_study", "study", "prepare_inputs", "generate_row"]
@@ -128,7 +129,6 @@ def generate_row(row: Row, d: Path, energies: np.ndarray, models: _Models, chunk
                  progress: bool) -> Path:
     """Chunks, joined into showers.h5 (atomic), then generation.json with counted NFE and timing."""
     from .bench import bench, hardware
-    from .memory import peak_memory
     from .generate import generate_file, merge_files, parse_stage_sampler
     out, n = d / "showers.h5", len(energies)
     bundle, early = None, parse_stage_sampler(row.energy_sampler)

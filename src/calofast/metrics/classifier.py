@@ -145,20 +145,19 @@ def classifier_test(x_gen: np.ndarray, x_ref: np.ndarray, cfg: ClassifierConfig 
     for label, x in ((0, x_gen), (1, x_ref)):
         g = np.zeros(len(x), np.int64) if groups is None else np.asarray(groups[label], np.int64)
         for part, idx in zip(("train", "test", "val"), _split(len(x), cfg.split, rng)):
-            parts.setdefault(part, []).append((x, idx, np.full(len(idx), float(label)), g[idx]))
+            parts.setdefault(part, []).append((x, idx, g[idx]))
     data, val_groups = {}, None
     for part, chunks in parts.items():   # row i of a part: row perm[i] of [generated rows; reference rows]
-        y = np.concatenate([c[2] for c in chunks])
-        perm = rng.permutation(len(y))
-        src = np.concatenate([np.full(len(c[1]), k) for k, c in enumerate(chunks)])[perm]
+        perm = rng.permutation(sum(len(c[1]) for c in chunks))
+        label = np.concatenate([np.full(len(c[1]), k) for k, c in enumerate(chunks)])[perm]   # 0 generated, 1 reference
         rows = np.concatenate([c[1] for c in chunks])[perm]
-        x = torch.empty((len(y), x_gen.shape[1]), dtype=dtype, device=device)
+        x = torch.empty((len(perm), x_gen.shape[1]), dtype=dtype, device=device)
         for k, c in enumerate(chunks):    # one class at a time: a class's share of the part is the largest copy
-            at = np.flatnonzero(src == k)
+            at = np.flatnonzero(label == k)
             x[torch.as_tensor(at, device=device)] = torch.as_tensor(c[0][rows[at]], dtype=dtype, device=device)
-        data[part] = (x, torch.as_tensor(y[perm], dtype=dtype, device=device))
+        data[part] = (x, torch.as_tensor(label, dtype=dtype, device=device))
         if part == "val":
-            val_groups = np.concatenate([c[3] for c in chunks])[perm]
+            val_groups = np.concatenate([c[2] for c in chunks])[perm]
     torch.manual_seed(cfg.seed)
     net = _net(x_gen.shape[1], cfg).to(device=device, dtype=dtype)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
