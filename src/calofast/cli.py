@@ -422,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = str(err).strip("'\"") or type(err).__name__
         print(f"calofast: error: {msg}", file=sys.stderr)
+        data = sys.modules.get("calofast.data")
+        if data is not None and data.hdf5_unusable():   # HDF5's clean-up at exit would crash after a failed write
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt as err:   # Ctrl-C (130) or SIGTERM (143): outputs were removed or left untouched
         term = isinstance(err, Terminated)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,9 +24,20 @@ import numpy as np
 from .geometry import Geometry, geometry_for_voxels
 
 __all__ = ["claim_output", "ShowerFileError", "ShowerFileInfo", "inspect_file", "iter_showers", "read_showers", "read_energies",
-           "ShowerWriter", "write_showers", "check_values", "file_attrs"]
+           "ShowerWriter", "write_showers", "check_values", "file_attrs", "hdf5_unusable"]
 
 ENERGIES, SHOWERS = "incident_energies", "showers"
+# Free space a write keeps in hand for HDF5's metadata, chunk index and final flush: HDF5 cannot close a file whose
+# write failed (its close raises, and the interpreter then crashes in HDF5's clean-up at exit), so a ShowerWriter
+# stops before the disk is full instead of letting HDF5 find out.
+SPACE_MARGIN = 16 * 2**20
+_HDF5_BROKEN = False
+
+
+def hdf5_unusable() -> bool:
+    """True once an HDF5 write has failed in this process: HDF5's state is then damaged, and the process should end
+    with os._exit (the command line does) rather than run HDF5's clean-up, which crashes."""
+    return _HDF5_BROKEN
 
 
 def claim_output(path: Path, force: bool, error: type[Exception] = ValueError) -> None:
@@ -211,7 +224,8 @@ class ShowerWriter:
         claim_output(self.path, force, ShowerFileError)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temporary_for(self.path)
-        self.n_voxels, self.n = n_voxels, 0
+        self.n_voxels, self.n, self._done = n_voxels, 0, False
+        self._check_space(0, "a new file needs")
         self._f = h5py.File(self.tmp, "w")
         # Level 0: no compression (scratch files; official files are gzip-compressed).
         gz = dict(compression="gzip", compression_opts=compression_level) if compression_level else {}
@@ -228,25 +242,57 @@ class ShowerWriter:
             raise ValueError(f"{self.path}: batch shapes {energies.shape}, {showers.shape} do not fit "
                              f"[N, 1], [N, {self.n_voxels}]")
         check_values(self.path, energies, showers, first=self.n)
+        nbytes = energies.nbytes + showers.nbytes
+        self._check_space(nbytes, f"the next {energies.shape[0]} showers need up to {nbytes / 1e6:.1f} MB plus")
         lo, hi = self.n, self.n + energies.shape[0]
-        self._e.resize(hi, axis=0)
-        self._s.resize(hi, axis=0)
-        self._e[lo:hi] = energies
-        self._s[lo:hi] = showers
+        try:
+            self._e.resize(hi, axis=0)
+            self._s.resize(hi, axis=0)
+            self._e[lo:hi] = energies
+            self._s[lo:hi] = showers
+        except (OSError, RuntimeError) as err:
+            raise self._failed(err) from None
         self.n = hi
+
+    def _check_space(self, nbytes: int, what: str) -> None:
+        """Refuse a batch that could fill the disk (its uncompressed size bounds what it adds), before HDF5 writes."""
+        free = shutil.disk_usage(self.tmp.parent).free
+        if free < nbytes + SPACE_MARGIN:
+            raise ShowerFileError(f"{self.path}: not enough disk space: {free / 1e6:.1f} MB free, {what} "
+                                  f"{SPACE_MARGIN // 2**20} MiB in hand (nothing was written under this name)")
+
+    def _failed(self, err: Exception) -> ShowerFileError:
+        """A write HDF5 could not do, as one line naming the file (its temporary is removed)."""
+        global _HDF5_BROKEN
+        _HDF5_BROKEN = True
+        found = re.search(r"error message = '([^']*)'", str(err))
+        reason = os.strerror(err.errno) if getattr(err, "errno", None) else (
+            found.group(1) if found else str(err).splitlines()[0][:200])
+        self.abort()
+        return ShowerFileError(f"{self.path}: cannot write it ({reason}); nothing was written under this name")
 
     def close(self) -> Path:
         """Finish the file and move it to its final name (atomic rename)."""
-        self._f.flush()
-        self._f.close()
+        try:
+            self._f.flush()
+            self._f.close()
+        except (OSError, RuntimeError) as err:
+            raise self._failed(err) from None
         with open(self.tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(self.tmp, self.path)
+        self._done = True
         return self.path
 
     def abort(self) -> None:
+        global _HDF5_BROKEN
+        if self._done:
+            return
+        self._done = True
         try:
             self._f.close()
+        except (OSError, RuntimeError):     # a file whose write failed cannot be closed; it is removed all the same
+            _HDF5_BROKEN = True
         finally:
             self.tmp.unlink(missing_ok=True)
 
