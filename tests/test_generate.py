@@ -1,5 +1,6 @@
 """calofast generate: every sampler name, batch-size independence, NFE reported, energies from a file."""
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from calofast.checkpoint import load_bundle
 from calofast.cli import main
 from calofast.data import read_showers
-from calofast.generate import compile_network, is_compiled, make_sigmas, sample_batch
+from calofast.generate import compile_network, default_batch_size, is_compiled, make_sigmas, sample_batch
 from calofast.train import train_model
 
 from helpers import tiny_data
@@ -184,3 +185,12 @@ def test_a_student_run_with_another_sampler_is_warned(caplog):
         name, steps, _ = resolve_sampler(student, "ddpm", None)
     assert (name, steps) == ("ddpm", 20)
     assert len(caplog.records) == 1 and "distilled for" in caplog.text and "2 steps;" in caplog.text
+
+
+def test_default_batch_size_follows_the_device(monkeypatch):
+    """100 on a CPU; on a GPU a quarter of its memory at 64 bytes per voxel, clamped to 100..10,000."""
+    assert default_batch_size("cpu", 6480) == 100
+    for total, voxels, want in [(80 * 10**9, 6480, 10_000), (80 * 10**9, 40_500, 7716), (4 * 10**9, 40_500, 385),
+                                (10**8, 40_500, 100)]:
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev, t=total: SimpleNamespace(total_memory=t))
+        assert default_batch_size("cuda", voxels) == want

@@ -87,11 +87,14 @@ rows_plan() {   # rows_plan TITLE RUN...: a study plan of the runs' bundles at D
   echo '[reference]'; echo "n = $N_REF"; echo 'gflash_seed = 1001'; [ -n "${FLOOR:-}" ] && echo 'floor_seed = 2002'
   echo '[defaults]'; echo 'sampler = "dpmpp-2m"'; echo "steps = $GEN_STEPS"; echo 'batch_size = 10000'
   [ -z "${SMOKE:-}" ] && echo 'compile = true'
-  for name in "$@"; do for s in ${SAMPLINGS:-default}; do
+  local pairs=$(for name in "$@"; do for s in ${SAMPLINGS:-default}; do echo "$name/$s"; done; done)
+  # BY_SAMPLING=1: every run's row of the first sampling, then of the next (a study cut off loses a sampling, not a run)
+  [ -n "${BY_SAMPLING:-}" ] && pairs=$(for s in ${SAMPLINGS:-default}; do for name in "$@"; do echo "$name/$s"; done; done)
+  for pair in $pairs; do name=${pair%%/*}; s=${pair#*/}
     echo '[[rows]]'; echo "model = \"$(cd $W/$name && pwd)/model.safetensors\""
     if [ "$s" = default ]; then echo "label = \"$name\""; echo 'family = "ablation"'
     else echo "label = \"$name-${s%:*}-${s#*:}\""; echo "sampler = \"${s%:*}\""; echo "steps = ${s#*:}"; echo "family = \"$name\""; fi
-  done; done
+  done
 }
 
 case "$PHASE" in
@@ -177,6 +180,8 @@ case "$PHASE" in
       comp=true; [ -n "${SMOKE:-}" ] && comp=false
       for name in ${ROWS:-abl-final}; do train_row $name $comp & done
       wait; stamp "rows trained at once: evaluate them with RUNS=\"${ROWS:-abl-final}\" ... rows"
+      # BACK=1: the bundles come back too (15 MB parts: a 19 MB DS2 bundle is two files of the call's eight)
+      [ -n "${BACK:-}" ] && for name in ${ROWS:-abl-final}; do bring_back $W/$name/model.safetensors $name.safetensors; done
       tar czf "$OUTABS/results-ablation.tgz" -C "$X" .; exit 0
     fi
     for name in ${ROWS:-abl-final}; do train_row $name false; done
@@ -206,7 +211,7 @@ case "$PHASE" in
   tvs)          # (study issue) T versus S: the discrete-table runs RUNS="t400 t1000 t4000" (ablation rows) sampled
                 # with strided DDPM and DDIM at S = 200 and 50 (SAMPLINGS overrides), one study, full protocol
     plan=$W/tvs-$(echo ${RUNS:?RUNS names the runs} | tr ' ' '+').toml
-    SAMPLINGS=${SAMPLINGS:-ddpm:200 ddpm:50 ddim:200 ddim:50} CLS_SEEDS=${CLS_SEEDS:-3} rows_plan "T versus S, runs $RUNS" $RUNS > $plan
+    SAMPLINGS=${SAMPLINGS:-ddpm:50 ddim:50 ddpm:200 ddim:200} CLS_SEEDS=${CLS_SEEDS:-3} BY_SAMPLING=1 rows_plan "T versus S, runs $RUNS" $RUNS > $plan
     run_study $plan $(( ${DEADLINE:-560} - ($(date +%s) - t0) )) "${ONLY:-}"
     ;;
   rows)

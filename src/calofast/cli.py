@@ -192,7 +192,7 @@ def _graph_ok(wanted: bool, device: str) -> bool:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .checkpoint import load_bundle
-    from .generate import compile_network, generate_file, nfe_text, parse_stage_sampler, shard_range
+    from .generate import compile_network, default_batch_size, generate_file, nfe_text, parse_stage_sampler, shard_range
     shard, output, device = _shard(a.shard), Path(a.output), a.device
     if a.shard == "torchrun":
         output = output.with_name(f"{output.stem}.part{shard[0]:04d}-of-{shard[1]:04d}{output.suffix}")
@@ -201,6 +201,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     _positive(batch_size=a.batch_size, steps=a.steps, n=a.n)
     _seed(a.seed)
     bundle = _model_side(load_bundle(a.model, device=_device(device)), a)
+    batch = a.batch_size or default_batch_size(device, bundle.geometry.n_voxels)
     energies, first = _energies(a, bundle), 0
     if shard is not None:
         events = shard_range(len(energies), *shard)
@@ -209,7 +210,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         compile_network(bundle, bf16=a.dtype == "bf16")
     knobs = {"eta": a.eta} if a.eta is not None else {}
     stats = generate_file(bundle, output, energies, seed=a.seed, sampler=a.sampler, steps=a.steps,
-                          batch_size=a.batch_size, bf16=a.dtype == "bf16", force=a.force, knobs=knobs, first_event=first,
+                          batch_size=batch, bf16=a.dtype == "bf16", force=a.force, knobs=knobs, first_event=first,
                           early=parse_stage_sampler(a.energy_sampler), cuda_graph=_graph_ok(a.cuda_graph, device))
     print(f"wrote {stats.n} showers to {stats.path}: sampler {stats.sampler}, {_count(stats.steps, 'step')}, "
           f"{nfe_text(stats.nfe)}, {stats.showers_per_s:.1f} showers/s on {a.device} ({a.dtype}); "

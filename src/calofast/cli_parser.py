@@ -79,7 +79,8 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     gen.add_argument("--energies", help="spectrum, e.g. log-uniform:1GeV:1TeV (default: the model's range)")
     gen.add_argument("--energies-from", help="take incident energies event by event from this file")
     gen.add_argument("--seed", type=int, default=0, help="seed; shower k depends only on (seed, k)")
-    gen.add_argument("--batch-size", type=int, default=1000)
+    gen.add_argument("--batch-size", type=int, help="showers per batch (default: 100 on a CPU; on a GPU as many as "
+                     "fit a quarter of its memory, at most 10,000)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     gen.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     gen.add_argument("--compile", action="store_true", help="torch.compile the network (slow first batch)")
