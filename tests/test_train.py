@@ -146,6 +146,17 @@ def test_sigkill_and_resume_continues_exactly(tmp_path):
     for (k, x), (_, y) in zip(a.denoiser.net.state_dict().items(), b.denoiser.net.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
     assert b.meta["train_events_seen"] == str(showers)
+    logged = [json.loads(l)["showers"] for l in (tmp_path / "run/stats.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged)), logged          # each step recorded once across the kill
+
+
+def test_resume_drops_records_past_the_checkpoint(tmp_path):
+    """Records written after the last checkpoint (and a half-written line) go: the resumed run writes them again."""
+    from calofast.train import _trim_stats
+    path = tmp_path / "stats.jsonl"
+    path.write_text("".join(json.dumps({"step": k, "showers": 64 * k}) + "\n" for k in range(1, 6)) + '{"step": 6, "sho')
+    _trim_stats(path, 192)
+    assert [json.loads(l)["showers"] for l in path.read_text().splitlines()] == [64, 128, 192]
 
 
 def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path):

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import Bundle, Stage, file_sha256, load_bundle, load_state, save_bundle, save_state, stage_network
+from .checkpoint import Bundle, Stage, atomic_write_bytes, file_sha256, load_bundle, load_state, save_bundle, save_state, stage_network
 from .config import Config, DiffusionConfig, TrainConfig, dumps
 from .data import inspect_file, iter_showers
 from .diffusion import EDM, Flow, Preconditioned, build_parameterisation, denoising_loss
@@ -168,12 +168,14 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
         shown, step, elapsed = _resume(state_path, model, ema, opt, extra_modules, gen, d.rank)
         if d.main:
             log.info("resumed %s from %d showers", run_dir, shown)
+    stats_path = run_dir / "stats.jsonl"
+    if d.main and shown and stats_path.exists():
+        _trim_stats(stats_path, shown)
     fwd = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) \
         if d.world > 1 else model
     if cfg.compile:
         fwd = torch.compile(fwd)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and d.device.type == "cuda")
-    stats_path = run_dir / "stats.jsonl"
 
     def checkpoint() -> None:
         states = [gen.get_state()]
@@ -259,6 +261,19 @@ def fit(loss_fn: Callable, model: nn.Module, data: tuple[torch.Tensor, ...], cfg
             break
     bar.close()
     return ema, finished
+
+
+def _trim_stats(path: Path, shown: int) -> None:
+    """Drop the records a killed run wrote after its last checkpoint (and a line it left half written): the resumed
+    run, which restarts from that checkpoint, writes them again, so each step is recorded once."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["showers"] <= shown:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in keep).encode())
 
 
 def load_training_data(path: "str | Path", transform: ShowerTransform, max_events: int = 0,
