@@ -199,6 +199,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         if device == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     _positive(batch_size=a.batch_size, steps=a.steps, n=a.n)
+    if a.eta is not None and not 0 <= a.eta <= 1:
+        raise ValueError(f"--eta {a.eta}: must be in [0, 1] (0: deterministic DDIM, 1: as noisy as DDPM)")
     _seed(a.seed)
     bundle = _model_side(load_bundle(a.model, device=_device(device)), a)
     batch = a.batch_size or default_batch_size(device, bundle.geometry.n_voxels)
@@ -268,6 +270,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if not sizes or not all(b.strip().isdigit() and int(b) >= 1 for b in sizes):
         raise ValueError(f"--batch-sizes {a.batch_sizes}: expected positive integers, e.g. 1,100,10000")
     _positive(repeats=a.repeats, steps=a.steps, threads=a.threads)
+    if a.threads and a.threads > (os.cpu_count() or 1):     # torch crashes on absurd thread counts (100,000: exit 139)
+        raise ValueError(f"--threads {a.threads}: this machine has {os.cpu_count()} CPU threads")
     if a.output:
         from .data import claim_output
         claim_output(Path(a.output), a.force)             # before the work, not after it
