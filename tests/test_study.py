@@ -183,6 +183,7 @@ def test_shipped_plans_load_and_name_valid_models_and_options():
     for path in plans:
         plan = load_plan(path)
         assert plan.n == 50_000 and plan.floor_seed is not None
-        for row in plan.rows:
-            assert row.model in shipped_models(), (path, row.label)
+        for row in plan.rows:   # a shipped model, or one the plan's header says how to train into runs/
+            assert row.model in shipped_models() or (
+                row.model.startswith("runs/") and "calofast train" in path.read_text()), (path, row.label)
             check_knobs(row.sampler, row.knobs)

@@ -16,8 +16,8 @@
 #   continue  more training of the shipped model (train --init) into runs/device/$CONT (default cont); several
 #             continues with different CONT and SETS may run at once (start them after `data`)
 #   data      the training data alone (so that concurrent phases do not race for it)
-#   tvs       (study issue) T versus S: discrete-table runs RUNS="t400 t1000 t4000" (trained as ablation rows) with
-#             strided DDPM and DDIM at S = 200 and 50, in one study, each classifier with CLS_SEEDS (default 3) seeds
+#   tvs       (study issue) T versus S: studies/ds2-T-vs-S.toml on the runs t400 t1000 t4000 (trained as ablation
+#             rows): strided DDPM and DDIM at S = 50 and 200, in one study, each classifier with three seeds
 #   ds3       (DS3 issue) GFlash DS3 training data (N_DS3, default 100,000) and the ds3-factorised preset trained
 #             into runs/device/$CONT (default ds3), E_S + S_S s, compiled; evaluate it with RUNS=ds3 ... rows
 #   probe     (diagnostic) GFlash reference (seed 1001) and floor (seed 2002), 50,000 showers of MODEL (default the
@@ -87,14 +87,11 @@ rows_plan() {   # rows_plan TITLE RUN...: a study plan of the runs' bundles at D
   echo '[reference]'; echo "n = $N_REF"; echo 'gflash_seed = 1001'; [ -n "${FLOOR:-}" ] && echo 'floor_seed = 2002'
   echo '[defaults]'; echo 'sampler = "dpmpp-2m"'; echo "steps = $GEN_STEPS"; echo 'batch_size = 10000'
   [ -z "${SMOKE:-}" ] && echo 'compile = true'
-  local pairs=$(for name in "$@"; do for s in ${SAMPLINGS:-default}; do echo "$name/$s"; done; done)
-  # BY_SAMPLING=1: every run's row of the first sampling, then of the next (a study cut off loses a sampling, not a run)
-  [ -n "${BY_SAMPLING:-}" ] && pairs=$(for s in ${SAMPLINGS:-default}; do for name in "$@"; do echo "$name/$s"; done; done)
-  for pair in $pairs; do name=${pair%%/*}; s=${pair#*/}
+  for name in "$@"; do for s in ${SAMPLINGS:-default}; do
     echo '[[rows]]'; echo "model = \"$(cd $W/$name && pwd)/model.safetensors\""
     if [ "$s" = default ]; then echo "label = \"$name\""; echo 'family = "ablation"'
     else echo "label = \"$name-${s%:*}-${s#*:}\""; echo "sampler = \"${s%:*}\""; echo "steps = ${s#*:}"; echo "family = \"$name\""; fi
-  done
+  done; done
 }
 
 case "$PHASE" in
@@ -208,10 +205,11 @@ case "$PHASE" in
     [ -n "${TT:-}" ] && timeout ${STEP_S:-120} python benchmarks/bench_teacher_targets.py 2>&1 | grep -v Warning | tee "$X/teacher_targets.txt"
     [ -n "${ONLY:-}" ] && run_study "${PLAN:-studies/ds2-shortcut.toml}" $(( ${DEADLINE:-560} - ($(date +%s) - t0) )) "$ONLY"
     ;;
-  tvs)          # (study issue) T versus S: the discrete-table runs RUNS="t400 t1000 t4000" (ablation rows) sampled
-                # with strided DDPM and DDIM at S = 200 and 50 (SAMPLINGS overrides), one study, full protocol
-    plan=$W/tvs-$(echo ${RUNS:?RUNS names the runs} | tr ' ' '+').toml
-    SAMPLINGS=${SAMPLINGS:-ddpm:50 ddim:50 ddpm:200 ddim:200} CLS_SEEDS=${CLS_SEEDS:-3} BY_SAMPLING=1 rows_plan "T versus S, runs $RUNS" $RUNS > $plan
+  tvs)          # (study issue) T versus S: studies/ds2-T-vs-S.toml on the runs t400, t1000, t4000 (ablation rows):
+                # strided DDPM and DDIM at S = 50 and 200, one study, full protocol, three classifier seeds
+    plan=$W/ds2-T-vs-S.toml    # the shipped plan, its models runs/tNNN/ pointed at this machine's runs
+    sed "s|\"runs/|\"$(cd $W && pwd)/|" studies/ds2-T-vs-S.toml > $plan
+    [ -n "${SMOKE:-}" ] && sed -i 's/^compile = true/compile = false/' $plan
     run_study $plan $(( ${DEADLINE:-560} - ($(date +%s) - t0) )) "${ONLY:-}"
     ;;
   rows)
