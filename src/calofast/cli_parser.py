@@ -122,8 +122,8 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="CaloChallenge evaluation of generated vs reference showers",
                         description="Features, separation powers, classifier AUCs, FPD/KPD, plots and report.html.")
-    ev.add_argument("--generated", required=True)
-    ev.add_argument("--reference", required=True)
+    ev.add_argument("--generated", required=True, help="the generated showers (CaloChallenge HDF5, MeV)")
+    ev.add_argument("--reference", required=True, help="the truth to compare with (GFlash or Geant4, same format)")
     ev.add_argument("--geometry", help="ds1-photons, ds1-pions, ds2, ds3 or a binning XML (default: the built-in "
                     "geometry with the reference file's voxel count)")
     ev.add_argument("--fast", action="store_true", help="shortened classifier (smoke runs; not comparable)")
@@ -142,12 +142,12 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="time per shower (CaloChallenge timing protocol)",
                         description="Warm-up, then repeated timed batches; CUDA synchronised; mean, std, median.")
     be.add_argument("--model", required=True, help=model_help)
-    be.add_argument("--sampler")
-    be.add_argument("--steps", type=int)
-    be.add_argument("--batch-sizes", default="1,100,10000")
-    be.add_argument("--repeats", type=int, default=10)
-    be.add_argument("--device", default="cpu")
-    be.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    be.add_argument("--sampler", help="sampler name, as for generate (default: the bundle's own)")
+    be.add_argument("--steps", type=int, help="sampler steps (default: the bundle's own)")
+    be.add_argument("--batch-sizes", default="1,100,10000", help="comma-separated batch sizes (default 1,100,10000)")
+    be.add_argument("--repeats", type=int, default=10, help="timed repeats per batch size, after one warm-up (default 10)")
+    be.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    be.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="network precision (default fp32)")
     be.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     be.add_argument("--compile", action="store_true", help="torch.compile the network (compiled in the warm-up)")
     be.add_argument("--energy-sampler", metavar="NAME:STEPS", help="sampler of a factorised model's energy stage")
@@ -163,14 +163,17 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
                         "inverse transform. Distilled bundles bring their own sampler and steps.")
     ex.add_argument("--model", required=True, help=model_help)
     ex.add_argument("--sampler", help="euler, ddim, heun, dpmpp-2m or consistency (deterministic only)")
-    ex.add_argument("--steps", type=int)
-    ex.add_argument("--flavour", choices=("par04", "reproducible"), default="reproducible")
+    ex.add_argument("--steps", type=int, help="sampler steps unrolled into the graph (default: the bundle's own)")
+    ex.add_argument("--flavour", choices=("par04", "reproducible"), default="reproducible",
+                    help="par04: Par04's input [B, 8] (E in GeV, angles, detector) and output in GeV, Par04 cell order, noise "
+                    "drawn in the graph; reproducible: energies in MeV and the noise as inputs, output in MeV, "
+                    "CaloChallenge order (default reproducible; docs/export.md)")
     ex.add_argument("--format", choices=("onnx", "torchscript"), default="onnx",
                     help="torchscript is a secondary path (reproducible signature)")
     ex.add_argument("--par04-energy-scale", type=float, default=1.0,
                     help="par04 flavour: factor on the output (1 = CaloChallenge scale; 0.033 = silicon only)")
-    ex.add_argument("--force", action="store_true")
-    ex.add_argument("-o", "--output", required=True)
+    ex.add_argument("--force", action="store_true", help="overwrite the output (and the ONNX .json sidecar)")
+    ex.add_argument("-o", "--output", required=True, help="the .onnx file (a .json sidecar is written beside it), or the .pt file with --format torchscript")
     ex.set_defaults(func=handlers["export"])
 
     mg = sub.add_parser("merge", help="join the part files of a sharded generate run (validated, atomic)")
