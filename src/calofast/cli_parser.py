@@ -47,7 +47,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="check a CaloChallenge file and print its summary",
                        description="Validate a CaloChallenge HDF5 file and summarise its showers.")
-    i.add_argument("file", type=Path)
+    i.add_argument("file", type=Path, help="a CaloChallenge HDF5 file")
     i.add_argument("--geometry", help="geometry (default: from the voxel count)")
     i.add_argument("--max-events", type=int, help="only the first N showers")
     i.add_argument("--plot", type=Path, help="write a summary plot (PNG) here")
@@ -82,7 +82,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, help="showers per batch (default: 100 on a CPU; on a GPU as many as "
                      "fit a quarter of its memory, at most 10,000)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    gen.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    gen.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="network precision (default fp32)")
     gen.add_argument("--compile", action="store_true", help="torch.compile the network (slow first batch)")
     gen.add_argument("--energy-sampler", metavar="NAME:STEPS",
                      help="sampler of a factorised model's energy stage, e.g. dpmpp-2m:16 (default: the bundle's)")
@@ -98,7 +98,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     gen.add_argument("--shard", help="K/N: only events K*n/N .. (K+1)*n/N - 1 (a SLURM array); 'torchrun': one shard "
                      "per rank, written to OUTPUT.partRRRR-of-NNNN.h5; join with calofast merge (bit-identical to one run when "
                      "each shard holds whole batches)")
-    gen.add_argument("-o", "--output", required=True)
+    gen.add_argument("-o", "--output", required=True, help="the CaloChallenge HDF5 file to write")
     gen.set_defaults(func=handlers["generate"])
 
     ds = sub.add_parser("distill", help="a few-step student from a teacher (progressive, consistency or shortcut)",
@@ -106,7 +106,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
                         "model (one run for every step count, from a flow-matching teacher; generate it with any "
                         "--steps; --set distill.sc_loss=meanflow trains the same network with the MeanFlow loss). "
                         "Resumable; multi-GPU through torchrun like training.")
-    ds.add_argument("method", choices=("progressive", "consistency", "shortcut"))
+    ds.add_argument("method", choices=("progressive", "consistency", "shortcut"), help="the distillation method")
     ds.add_argument("--teacher", required=True, help=f"teacher: {model_help}")
     ds.add_argument("--data", required=True, help="training showers (CaloChallenge HDF5)")
     ds.add_argument("--start-steps", type=int, default=128, help="progressive: teacher steps of the first stage")
@@ -173,12 +173,13 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     ex.add_argument("--par04-energy-scale", type=float, default=1.0,
                     help="par04 flavour: factor on the output (1 = CaloChallenge scale; 0.033 = silicon only)")
     ex.add_argument("--force", action="store_true", help="overwrite the output (and the ONNX .json sidecar)")
-    ex.add_argument("-o", "--output", required=True, help="the .onnx file (a .json sidecar is written beside it), or the .pt file with --format torchscript")
+    ex.add_argument("-o", "--output", required=True,
+                    help="the .onnx file (a .json sidecar is written beside it), or the .pt file with --format torchscript")
     ex.set_defaults(func=handlers["export"])
 
     mg = sub.add_parser("merge", help="join the part files of a sharded generate run (validated, atomic)")
-    mg.add_argument("parts", nargs="+", type=Path)
-    mg.add_argument("-o", "--output", required=True, type=Path)
+    mg.add_argument("parts", nargs="+", type=Path, help="the part files, in any order")
+    mg.add_argument("-o", "--output", required=True, type=Path, help="the joined file")
     mg.add_argument("--force", action="store_true", help="overwrite the output")
     mg.set_defaults(func=handlers["merge"])
 
@@ -187,7 +188,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
                         "each row generated in chunks, timed, evaluated against the reference; writes DIR/table.csv, "
                         "table.md, pareto.png, index.html. Re-run the same command to resume. Exit 3: a deadline "
                         "left rows unfinished.")
-    st.add_argument("plan", type=Path)
+    st.add_argument("plan", type=Path, help="the plan (TOML; see docs/study.md and studies/)")
     st.add_argument("-o", "--output", required=True, type=Path, help="study folder (resumed if it exists)")
     st.add_argument("--device", default="cpu", help="cpu or cuda (every visible GPU: one shard each)")
     st.add_argument("--fast", action="store_true", help="small classifier and fewer bootstraps (smoke runs only)")
@@ -209,7 +210,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     ss.add_argument("--stage", required=True, help="stage name, e.g. energy")
     ss.add_argument("--sampler", required=True, metavar="NAME:STEPS", help="e.g. dpmpp-2m:16")
     ss.add_argument("--force", action="store_true", help="overwrite the output")
-    ss.add_argument("-o", "--output", required=True)
+    ss.add_argument("-o", "--output", required=True, help="the new bundle (.safetensors)")
     ss.set_defaults(func=handlers["set-sampler"])
 
     pr = sub.add_parser("prune", help="structural pruning of a transformer main stage (Taylor importance)",
@@ -221,9 +222,9 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     pr.add_argument("--keep", type=float, required=True, help="share of MLP channels kept, in (0, 1], e.g. 0.5")
     pr.add_argument("--batches", type=int, default=32, help="batches of gradients accumulated (default 32)")
     pr.add_argument("--batch-size", type=int, default=256, help="showers per batch (default 256)")
-    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     pr.add_argument("--force", action="store_true", help="overwrite the output")
-    pr.add_argument("-o", "--output", required=True)
+    pr.add_argument("-o", "--output", required=True, help="the pruned bundle (.safetensors)")
     pr.set_defaults(func=handlers["prune"])
 
     d = sub.add_parser("demo", help="the main job: GFlash truth, shipped model, evaluation report",
@@ -234,12 +235,12 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     d.add_argument("--model", default="ds2-shortcut",
                    help="bundle or shipped name (default ds2-shortcut, the 2-jump student, fast on a CPU; "
                         "ds2-factorised is the better model: its default is DPM-Solver++(2M) with 32 steps)")
-    d.add_argument("--sampler")
-    d.add_argument("--steps", type=int)
-    d.add_argument("--device", default="cpu")
+    d.add_argument("--sampler", help="shape-stage sampler (default: the model's own)")
+    d.add_argument("--steps", type=int, help="sampler steps (default: the model's own)")
+    d.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     d.add_argument("--full", dest="fast", action="store_false",
                    help="full classifier protocol (default: the fast one, minutes on a CPU)")
-    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--seed", type=int, default=1, help="seed of the GFlash truth; the model samples with seed + 1 (default 1)")
     d.add_argument("-o", "--output", default="demo", help="output folder (default demo/)")
     d.set_defaults(func=handlers["demo"])
     return p
