@@ -18,7 +18,6 @@ from calofast.data import ShowerFileError, ShowerWriter, read_showers, write_sho
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 Usage = namedtuple("Usage", "total used free")
-MiB = 2 ** 20
 
 
 def _sample(n, v=6480):
