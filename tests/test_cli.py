@@ -164,14 +164,14 @@ def test_info_prints_summary_and_plot(tmp_path, capsys):
 def test_demo_summarises_its_truth_and_can_run_again(tmp_path, monkeypatch, capsys):
     """The demo's first steps (truth, its summary plot) run, twice into the same folder; the sampling after them is
     cut short here (the whole demo is the README's main job)."""
-    import calofast.checkpoint
+    import calofast.generate
 
     class Stop(Exception):
         pass
 
     def stop(*args, **kwargs):
         raise Stop
-    monkeypatch.setattr(calofast.checkpoint, "load_bundle", stop)
+    monkeypatch.setattr(calofast.generate, "generate_file", stop)
     for _ in range(2):
         with pytest.raises(Stop):
             main(["demo", "--n", "20", "-o", str(tmp_path / "demo")])

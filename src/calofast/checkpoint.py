@@ -64,6 +64,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     untouched; an OSError names `path`."""
     path = Path(path)
     claim_output(path, force=True)
+    path.parent.mkdir(parents=True, exist_ok=True)       # every output's folder is made, as for the HDF5 files
     tmp = temporary_for(path)
     try:
         with open(tmp, "wb") as f:
@@ -310,6 +311,10 @@ def bundle_path(path: "str | Path") -> Path:
     shipped = SHIPPED / f"{path.name.removesuffix('.safetensors')}.safetensors"
     if not path.is_file() and len(path.parts) == 1 and shipped.is_file():
         path = shipped
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        raise ValueError(f"{path}: is a folder, not a bundle" +
+                         (f"; give a file in it ({', '.join(inside)})" if inside else " (it holds no .safetensors)"))
     if not path.is_file():
         raise ValueError(f"{path}: no such model bundle (shipped: {', '.join(shipped_models())})")
     return path

@@ -25,6 +25,15 @@ def _positive(**values) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {v}: must be at least 1")
 
 
+MAX_SHOWERS = 10**9       # a billion DS2 showers are 26 TB of float32: any larger --n is a typo
+
+
+def _showers(n: int | None, option: str = "--n") -> None:
+    _positive(n=n)
+    if n is not None and n > MAX_SHOWERS:
+        raise ValueError(f"{option} {n}: more than the {MAX_SHOWERS:.0e} showers one run may write (shard larger runs)")
+
+
 def _seed(seed: int) -> int:
     if not 0 <= seed < 2 ** 63:
         raise ValueError(f"--seed {seed}: must be in [0, 2^63)")
@@ -52,7 +61,10 @@ def _geometry(text: str):
 # ---------------------------------------------------------------------- subcommands
 def cmd_gflash(a: argparse.Namespace) -> int:
     from .gflash import GFlashConfig, write_gflash
-    _positive(n=a.n, chunk=a.chunk, workers=a.workers)
+    _positive(chunk=a.chunk, workers=a.workers)
+    _showers(a.n)
+    if a.workers > (os.cpu_count() or 1):
+        raise ValueError(f"--workers {a.workers}: this machine has {os.cpu_count()} CPU threads")
     _seed(a.seed)
     geo = _geometry(a.geometry)
     if a.summary:                      # the plot beside the file follows the file's rule, checked before any work
@@ -74,7 +86,11 @@ def cmd_info(a: argparse.Namespace) -> int:
     from .metrics.features import file_features
     _positive(max_events=a.max_events)
     if a.plot:
-        claim_output(a.plot, a.force)
+        from matplotlib.backend_bases import FigureCanvasBase
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if Path(a.plot).suffix.lstrip(".").lower() not in kinds:
+            raise ValueError(f"--plot {a.plot}: name a picture file ({', '.join(sorted(kinds))})")
+        claim_output(Path(a.plot), a.force)
     info = inspect_file(a.file)
     geo = _geometry(a.geometry) if a.geometry else info.geometry()
     ff = file_features(a.file, geo, max_events=a.max_events, progress=True)
@@ -151,7 +167,11 @@ def _energies(a: argparse.Namespace, bundle):
     import numpy as np
     from .data import read_energies
     if a.energies_from:
-        return read_energies(a.energies_from, stop=a.n)
+        energies = read_energies(a.energies_from, stop=a.n)
+        if a.n is not None and len(energies) < a.n:
+            raise ValueError(f"--n {a.n}: {a.energies_from} holds only {len(energies)} events (drop --n to use "
+                             "them all)")
+        return energies
     if a.n is None:
         raise ValueError("--n is required unless --energies-from gives the events")
     if a.energies is not None:
@@ -184,6 +204,11 @@ def _model_side(bundle, a: argparse.Namespace):
     return model_side(bundle, a.deep_cache, a.tome)
 
 
+def _energy_stage(bundle, a: argparse.Namespace) -> None:
+    if a.energy_sampler and len(bundle.stages) < 2:
+        raise ValueError(f"--energy-sampler: {a.model} has one stage and no energy stage to sample")
+
+
 def _graph_ok(wanted: bool, device: str) -> bool:
     if wanted and not str(device).startswith("cuda"):
         raise ValueError(f"--cuda-graph needs --device cuda (got {device})")
@@ -192,28 +217,39 @@ def _graph_ok(wanted: bool, device: str) -> bool:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     from .checkpoint import load_bundle
-    from .generate import compile_network, default_batch_size, generate_file, nfe_text, parse_stage_sampler, shard_range
+    from .generate import (check_batch_memory, compile_network, default_batch_size, generate_file, nfe_text,
+                           parse_stage_sampler, shard_range)
     shard, output, device = _shard(a.shard), Path(a.output), a.device
     if a.shard == "torchrun":
         output = output.with_name(f"{output.stem}.part{shard[0]:04d}-of-{shard[1]:04d}{output.suffix}")
         if device == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    _positive(batch_size=a.batch_size, steps=a.steps, n=a.n)
+    _positive(batch_size=a.batch_size, steps=a.steps)
+    _showers(a.n)
+    if a.energies is not None and a.energies_from:
+        raise ValueError("--energies and --energies-from both give the incident energies: choose one")
+    if a.energies_from and Path(a.energies_from).resolve() == output.resolve():
+        raise ValueError(f"-o {a.output}: is the --energies-from file itself; write the showers elsewhere")
     if a.eta is not None and not 0 <= a.eta <= 1:
         raise ValueError(f"--eta {a.eta}: must be in [0, 1] (0: deterministic DDIM, 1: as noisy as DDPM)")
     _seed(a.seed)
     bundle = _model_side(load_bundle(a.model, device=_device(device)), a)
     batch = a.batch_size or default_batch_size(device, bundle.geometry.n_voxels)
+    check_batch_memory(device, bundle.geometry.n_voxels, min(batch, a.n or batch))
+    _energy_stage(bundle, a)
     energies, first = _energies(a, bundle), 0
+    total = len(energies)
     if shard is not None:
         events = shard_range(len(energies), *shard)
+        if not len(events):
+            raise ValueError(f"--shard {a.shard}: this shard of {len(energies)} events holds none (use fewer shards)")
         energies, first = energies[events.start:events.stop], events.start
     if a.compile:
         compile_network(bundle, bf16=a.dtype == "bf16")
     knobs = {"eta": a.eta} if a.eta is not None else {}
     stats = generate_file(bundle, output, energies, seed=a.seed, sampler=a.sampler, steps=a.steps,
                           batch_size=batch, bf16=a.dtype == "bf16", force=a.force, knobs=knobs, first_event=first,
-                          early=parse_stage_sampler(a.energy_sampler), cuda_graph=_graph_ok(a.cuda_graph, device))
+                          total_events=total, early=parse_stage_sampler(a.energy_sampler), cuda_graph=_graph_ok(a.cuda_graph, device))
     print(f"wrote {stats.n} showers to {stats.path}: sampler {stats.sampler}, {_count(stats.steps, 'step')}, "
           f"{nfe_text(stats.nfe)}, {stats.showers_per_s:.1f} showers/s on {a.device} ({a.dtype}); "
           f"{stats.clipped} clipped showers")
@@ -249,7 +285,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         baseline = load_baseline(a.baseline)
     m = evaluate_files(a.generated, a.reference, geo, a.output, fast=a.fast, min_events=a.min_events,
                        classifiers=classifiers, device=a.device, label=a.label or "", baseline=baseline,
-                       classifier_seeds=a.classifier_seeds)
+                       classifier_seeds=a.classifier_seeds, force=a.force)
     for key in ("classifier_low", "classifier_high"):
         if key in m:
             print(f"{key}: AUC {m[key]['auc']:.4f}  JSD {m[key]['jsd']:.4f}")
@@ -266,8 +302,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     from .bench import bench, write_table
     from .checkpoint import load_bundle
-    sizes = [b for b in a.batch_sizes.split(",") if b.strip()]
-    if not sizes or not all(b.strip().isdigit() and int(b) >= 1 for b in sizes):
+    sizes = a.batch_sizes.split(",")
+    if not all(b.strip().isdigit() and int(b) >= 1 for b in sizes):
         raise ValueError(f"--batch-sizes {a.batch_sizes}: expected positive integers, e.g. 1,100,10000")
     _positive(repeats=a.repeats, steps=a.steps, threads=a.threads)
     if a.threads and a.threads > (os.cpu_count() or 1):     # torch crashes on absurd thread counts (100,000: exit 139)
@@ -278,6 +314,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     bundle = _model_side(load_bundle(a.model, device=_device(a.device)), a)
+    _energy_stage(bundle, a)
+    from .generate import check_batch_memory
+    check_batch_memory(a.device, bundle.geometry.n_voxels, max(int(b) for b in sizes), "--batch-sizes")
     if a.compile:
         from .generate import compile_network
         compile_network(bundle, bf16=a.dtype == "bf16")
@@ -321,6 +360,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from .checkpoint import load_bundle
     from .export import export_onnx, export_torchscript
+    _positive(steps=a.steps)
     bundle = load_bundle(a.model)
     if a.format == "torchscript":
         path = export_torchscript(bundle, a.output, sampler=a.sampler, steps=a.steps, force=a.force, progress=True)
@@ -350,10 +390,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .generate import generate_file, nfe_text
     from .geometry import get_geometry
     from .gflash import write_gflash
-    _positive(n=a.n, steps=a.steps)
+    _positive(steps=a.steps)
+    _showers(a.n)
     _seed(a.seed)
-    _device(a.device)
+    bundle = load_bundle(a.model, device=_device(a.device))      # a bad model is refused before any work
     out = Path(a.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     truth = out / "ds2_gflash_truth.h5"
     if not truth.exists():
@@ -362,7 +405,6 @@ def cmd_demo(a: argparse.Namespace) -> int:
     # The demo owns its folder: a re-run reuses the truth and replaces its own plot and outputs.
     cmd_info(argparse.Namespace(file=truth, geometry="ds2", max_events=None, plot=out / "ds2_gflash_truth.png",
                                 force=True))
-    bundle = load_bundle(a.model, device=a.device)
     energies = read_energies(truth)
     generated = out / f"generated_{Path(a.model).stem}.h5"
     stats = generate_file(bundle, generated, energies, seed=a.seed + 1, sampler=a.sampler,
@@ -370,7 +412,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(f"generated {stats.n} showers with {Path(a.model).stem}: {stats.sampler} x{stats.steps}, "
           f"{nfe_text(stats.nfe)}, {stats.showers_per_s:.1f} showers/s on {a.device}")
     m = evaluate_files(generated, truth, bundle.geometry, out / "report", fast=a.fast, min_events=min(a.n, 1000),
-                       label=f"{Path(a.model).stem} {stats.sampler} x{stats.steps}")
+                       label=f"{Path(a.model).stem} {stats.sampler} x{stats.steps}", force=True)
     for key in ("classifier_low", "classifier_high"):
         print(f"{key}: AUC {m[key]['auc']:.3f}" + ("  (fast classifier)" if a.fast else ""))
     print(f"FPD x 1e3 {m['fpd']['x1e3']:.1f} +- {m['fpd']['error'] * 1e3:.1f};  E_tot/E_inc generated "

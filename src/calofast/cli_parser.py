@@ -136,6 +136,7 @@ def build_parser(handlers: dict) -> argparse.ArgumentParser:
     ev.add_argument("--label", help="name in the report (default: the model, sampler and steps the file records)")
     ev.add_argument("--baseline", metavar="METRICS_JSON",
                     help="another evaluation's metrics.json (e.g. GFlash against GFlash) shown beside these numbers")
+    ev.add_argument("--force", action="store_true", help="replace an evaluation already in the report folder")
     ev.add_argument("-o", "--output", required=True, help="report folder")
     ev.set_defaults(func=handlers["evaluate"])
 

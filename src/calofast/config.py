@@ -239,8 +239,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 # (section.field, test, what it must be): values that would train nothing, or garbage, are refused up front.
+MAX_SHOWERS = 10**12          # a training length beyond this (~300 GPU-days at 40,000 showers/s) is a typo
+_LENGTH = (lambda v: 1 <= v <= MAX_SHOWERS, f"between 1 and {MAX_SHOWERS:.0e}")
 _RULES = [
-    ("batch_size", lambda v: v >= 1, "at least 1"), ("showers", lambda v: v >= 1, "at least 1"),
+    ("batch_size", lambda v: 1 <= v <= 2**20, "between 1 and 1,048,576"), ("showers", *_LENGTH),
     ("checkpoint_showers", lambda v: v >= 1, "at least 1"), ("log_showers", lambda v: v >= 1, "at least 1"),
     ("lr", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
     ("grad_clip", lambda v: math.isfinite(v) and v >= 0, "finite and >= 0"),
@@ -263,7 +265,8 @@ _RULES = [
 
 
 _DISTILL_RULES = [
-    ("sc_showers", lambda v: v >= 1, "at least 1"), ("sc_steps", lambda v: v >= 1, "at least 1"),
+    ("sc_showers", *_LENGTH), ("showers_per_stage", *_LENGTH), ("cm_showers", *_LENGTH),
+    ("sc_steps", lambda v: v >= 1, "at least 1"),
     ("sc_energy_steps", lambda v: v >= 0, ">= 0"), ("sc_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
     ("sc_max_steps", lambda v: v >= 1 and not v & (v - 1), "a power of two"),
     ("sc_teacher_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"), ("sc_teacher_levels", lambda v: 1 <= v <= 6, "in 1..6"),

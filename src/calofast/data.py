@@ -43,7 +43,7 @@ def hdf5_unusable() -> bool:
 def claim_output(path: Path, force: bool, error: type[Exception] = ValueError) -> None:
     """Refuse, before any work, an output that exists and is not a regular file (even with force), or that
     exists at all (without force)."""
-    if path.exists() and not path.is_file():
+    if path.is_symlink() or (path.exists() and not path.is_file()):   # a link, even a dangling one, is not replaced
         raise error(f"{path}: exists and is not a regular file; refusing to replace it "
                     "(--force only overwrites regular files)")
     if path.exists() and not force:

@@ -32,6 +32,7 @@ log = logging.getLogger("calofast.evaluate")
 REFERENCE_COMMIT = "CaloChallenge/homepage@9b41df7"
 # Events per class the official classifier splits need (train + test + val, spec 6.4).
 PROTOCOL_EVENTS = {"ds1-photons": 121_000, "ds1-pions": 120_800, "ds2": 100_000, "ds3": 100_000}
+MAX_CLASSIFIER_SEEDS = 100  # each seed retrains both classifiers; more is a typo
 
 
 def _voxels_pass(path: Path, geometry: Geometry, edges: np.ndarray, n: int,
@@ -79,15 +80,17 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
                    out_dir: "str | Path", *, fast: bool = False, min_events: int | None = None,
                    classifiers: tuple[str, ...] = ("low", "high"), distances: bool = True, device: str | None = None,
                    label: str = "", plots: bool = True, progress: bool = True, baseline: dict | None = None,
-                   classifier_seeds: int = 1) -> dict:
+                   classifier_seeds: int = 1, force: bool = False) -> dict:
     """Run the evaluation; write metrics.json (and plots, report.html) into out_dir; return the metrics.
 
     `baseline`: another evaluation's metrics (e.g. GFlash against GFlash) shown beside these in the report.
     `classifier_seeds` > 1 repeats each classifier test with seeds 1, 2, ... (another split and initialisation)
     and records the AUCs with their mean and standard deviation under `auc_seeds`: the classifier's own spread,
-    for comparing rows whose AUCs are close."""
-    if not isinstance(classifier_seeds, int) or classifier_seeds < 1:
-        raise ValueError(f"--classifier-seeds {classifier_seeds}: must be a positive integer")
+    for comparing rows whose AUCs are close. An out_dir that holds an evaluation already is refused unless `force`."""
+    if not isinstance(classifier_seeds, int) or not 1 <= classifier_seeds <= MAX_CLASSIFIER_SEEDS:
+        raise ValueError(f"--classifier-seeds {classifier_seeds}: must be an integer from 1 to {MAX_CLASSIFIER_SEEDS}")
+    if min_events is not None and min_events < 2:
+        raise ValueError(f"--min-events {min_events}: must be at least 2")
     generated, out_dir = Path(generated), Path(out_dir)
     ref_path = reference.path if isinstance(reference, Reference) else Path(reference)
     info_g, info_r = inspect_file(generated), inspect_file(ref_path)
@@ -106,9 +109,14 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
         problems.append(f"{generated} has {info_g.n_events} events but the reference {info_r.n_events}: the classifier "
                         f"test needs equal counts (calofast generate --model MODEL --energies-from {ref_path} "
                         f"-o {generated}), or give --classifiers ''")
+    if out_dir.exists() and not out_dir.is_dir():
+        problems.append(f"{out_dir}: exists and is not a folder")
+    elif not force and (old := [f for f in ("metrics.json", "report.html") if (out_dir / f).exists()]):
+        problems.append(f"{out_dir}: holds an evaluation already ({', '.join(old)}); refusing to replace it "
+                        "(use --force, or choose another folder)")
     if problems:
         raise ShowerFileError("; and ".join(problems))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # out_dir is made by the first write (metrics.json): a failed or interrupted evaluation leaves no empty folder
     clock, seconds = time.perf_counter(), {}
 
     def lap(stage: str) -> None:

@@ -38,6 +38,7 @@ from .samplers import SAMPLERS
 
 __all__ = ["UnrolledSampler", "Par04Model", "export_onnx", "export_torchscript", "DETERMINISTIC"]
 
+MAX_EXPORT_NFE = 256       # each evaluation is traced into the graph: 32 take 30 s on a CPU, 256 a few minutes
 DETERMINISTIC = ("euler", "ddim", "heun", "dpmpp-2m", "consistency")
 
 
@@ -73,7 +74,11 @@ class UnrolledSampler(nn.Module):
 
     def __init__(self, bundle: Bundle, plan: list[tuple[str, int, torch.Tensor]]):
         super().__init__()
-        for name, _, _ in plan:
+        for name, steps, _ in plan:
+            if SAMPLERS[name].nfe(steps) > MAX_EXPORT_NFE:
+                raise ValueError(f"{name} with {steps} steps: {SAMPLERS[name].nfe(steps)} network evaluations; the "
+                                 f"export unrolls the sampler, so at most {MAX_EXPORT_NFE} per stage (use fewer "
+                                 "steps or a student)")
             if name not in DETERMINISTIC:
                 raise ValueError(f"export needs a deterministic sampler ({', '.join(DETERMINISTIC)}), not {name!r}")
         self.denoisers = nn.ModuleList([bind(stage.denoiser, name, grid)

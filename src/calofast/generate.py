@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,8 @@ def make_sigmas(denoiser, name: str, steps: int, *, spacing: str = "trailing", r
 
 
 def _resolve(stage: Stage, name: str | None, steps: int | None, where: str) -> tuple[str, int, torch.Tensor]:
+    if steps is not None:
+        _check_steps(steps, where)
     spec = stage.sampler or {}
     name = name or spec.get("name") or "dpmpp-2m"
     jumps = spec.get("method") == "shortcut" and name == spec["name"]       # a shortcut model: any number of jumps
@@ -87,8 +90,6 @@ def _resolve(stage: Stage, name: str | None, steps: int | None, where: str) -> t
     elif spec and "sigmas" in spec:
         log.warning("%s: distilled for %s with %s step%s; --sampler %s runs it as an ordinary denoiser "
                     "(expect poor showers)", where, spec["name"], spec["steps"], "" if int(spec["steps"]) == 1 else "s", name)
-    if steps is not None:
-        _check_steps(steps, where)
     steps = steps or 20
     if jumps:
         return name, steps, uniform_grid(steps, float(spec["sigma_max"]))
@@ -258,12 +259,13 @@ def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray
                   sampler: str | None = None, steps: int | None = None, batch_size: int = 1000,
                   bf16: bool = False, force: bool = False, knobs: dict | None = None,
                   progress: bool = True, first_event: int = 0, early: tuple[str, int] | None = None,
-                  cuda_graph: bool = False) -> GenerateStats:
+                  cuda_graph: bool = False, total_events: int | None = None) -> GenerateStats:
     """Write len(energies_mev) showers to a CaloChallenge file, batch by batch (atomic, --force aware).
 
     Shower k of the file is event `first_event + k` of the seed's stream, so files of consecutive ranges
     hold exactly the events of one file of the whole range. The file's attributes record model, sampler,
-    steps, seed, first event, NFE per stage and the clipped-shower count. `early`: (sampler, steps) of the
+    steps, seed, first event, the run's total events (`total_events`, default first_event + the file's; `merge`
+    checks the parts cover them), NFE per stage and the clipped-shower count. `early`: (sampler, steps) of the
     stages before the main one; `cuda_graph`: every batch size replayed from a CUDA graph (GPU only)."""
     from tqdm import tqdm
 
@@ -278,7 +280,8 @@ def generate_file(bundle: Bundle, output: "str | Path", energies_mev: np.ndarray
     n, nfe, t_sampling, clipped = len(energies_mev), {}, 0.0, 0
     device = next(bundle.denoiser.parameters()).device
     attrs = {"generator": "calofast", "model": bundle.path.name if bundle.path else "", "sampler": name,
-             "steps": n_steps, "seed": seed, "first_event": first_event}
+             "steps": n_steps, "seed": seed, "first_event": first_event,
+             "total_events": first_event + n if total_events is None else total_events}
     if early:
         attrs["early_sampler"] = f"{early[0]}:{early[1]}"
     args, graphs = dict(sampler=name, steps=n_steps, sigmas=sigmas, bf16=bf16, knobs=knobs, early=early), {}
@@ -333,6 +336,24 @@ def default_batch_size(device: "str | torch.device", n_voxels: int) -> int:
     return int(min(10_000, max(100, total // 4 // (64 * n_voxels))))
 
 
+# Peak memory of sampling per voxel of the batch, measured (docs/benchmarks.md): DS2 on a CPU, 2.35 GB at batch 1,000
+# against 0.81 GB at 100 (~260 B); DS3 on an H100, 21.8 GB at batch 10,000 (~54 B).
+BYTES_PER_VOXEL = {"cpu": 250, "cuda": 54}
+
+
+def check_batch_memory(device: "str | torch.device", n_voxels: int, batch: int, option: str = "--batch-size") -> None:
+    """Refuse, before any work, a batch that cannot fit the device's whole memory (host RAM for a CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = batch * n_voxels * BYTES_PER_VOXEL.get(device.type, 250)
+    if need > total:
+        raise ValueError(f"{option} {batch}: a batch of {batch:,} showers of {n_voxels} voxels needs about "
+                         f"{need / 1e9:,.0f} GB, and this {device.type} has {total / 1e9:,.0f} GB")
+
+
 def shard_range(n: int, k: int, n_shards: int) -> range:
     """Events of shard k of n_shards: contiguous, in order, together exactly range(n)."""
     if not 0 <= k < n_shards:
@@ -352,7 +373,7 @@ def merge_files(parts: list["str | Path"], output: "str | Path", *, force: bool 
         raise ValueError("no part files to merge")
     infos = [(file_attrs(p), inspect_file(p), Path(p)) for p in parts]
     infos.sort(key=lambda t: int(t[0].get("first_event", -1)))
-    same = ("generator", "model", "sampler", "steps", "seed", "nfe", "early_sampler")
+    same = ("generator", "model", "sampler", "steps", "seed", "nfe", "early_sampler", "total_events")
     ref_attrs, ref_info, ref_path = infos[0]
     nxt = 0
     for attrs, info, path in infos:
@@ -364,6 +385,9 @@ def merge_files(parts: list["str | Path"], output: "str | Path", *, force: bool 
         if info.n_voxels != ref_info.n_voxels or any(attrs.get(k) != ref_attrs.get(k) for k in same):
             raise ShowerFileError(f"{path}: differs from {ref_path} in voxels or in {', '.join(same)}")
         nxt += info.n_events
+    if "total_events" in ref_attrs and nxt != int(ref_attrs["total_events"]):
+        raise ShowerFileError(f"{infos[-1][2]}: the parts end at event {nxt} of the run's {ref_attrs['total_events']} "
+                              "(a part is missing)")
     keep = {k: v for k, v in ref_attrs.items() if k not in ("clipped_showers", "ms_per_shower", "device")}
     with ShowerWriter(output, ref_info.n_voxels, force=force, attrs=keep, compression_level=compression_level) as w:
         for _, _, path in infos:

@@ -17,7 +17,12 @@ per event, so event k depends only on (seed, k), not on the chunk size.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
+import multiprocessing
+import signal
+import threading
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -30,6 +35,7 @@ from .rng import SHOWER, numpy_streams
 __all__ = ["Material", "MATERIALS", "EffectiveMedium", "GFlashConfig", "GFlash", "write_gflash"]
 
 E_S_MEV = 21.2  # scale energy for the Moliere radius
+MAX_ENERGY_GEV = 1e5  # 100 TeV: 20 showers take ~0.7 GB and 8 s; the spot count (int64) overflows far above
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,10 @@ class GFlash:
             bad = np.asarray(e_gev)[ly <= 2.0].min()
             raise ValueError(f"incident energy {bad * 1e3:.4g} MeV is below the GFlash domain "
                              f"(ln(E/E_c) must exceed 2, E > {math.exp(2) * med.Ec_mev:.0f} MeV)")
+        if np.any(np.asarray(e_gev) > MAX_ENERGY_GEV):
+            raise ValueError(f"incident energy {np.max(e_gev) * 1e3:.4g} MeV is above this generator's limit of "
+                             f"{MAX_ENERGY_GEV / 1e3:g} TeV (GFlash was fitted at 1-100 GeV; the spot count grows "
+                             "with the energy)")
         t_hom = ly - 0.812
         a_hom = 0.81 + (0.458 + 2.26 / med.Z) * ly
         return dict(
@@ -293,6 +303,40 @@ def _simulate_chunk(args) -> tuple[np.ndarray, np.ndarray]:
     return energies, GFlash(geometry, config).simulate(energies, seed, range(lo, hi))
 
 
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _pool(workers: int):
+    """A pool of `workers` spawned processes (None for one) that leave Ctrl-C to the main process, which stops the
+    pool and cleans up (a terminal sends Ctrl-C to the whole process group: each worker printed its own traceback).
+    The workers start with SIGINT ignored, so that even one still importing ignores it; a worker the pool starts
+    later ignores it from its initializer."""
+    if workers <= 1:
+        yield None
+        return
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, old)
+    with pool:
+        yield pool
+
+
+def _in_order(pool, jobs, window: int):
+    """The chunks simulated in order, at most `window` jobs handed to the pool at a time (Pool.imap alone would
+    queue every job at once)."""
+    if pool is None:
+        yield from map(_simulate_chunk, jobs)
+        return
+    while part := list(itertools.islice(jobs, window)):
+        yield from pool.imap(_simulate_chunk, part)
+
+
 def write_gflash(path, geometry: Geometry, n: int, energies: "str | np.ndarray", seed: int, *,
                  chunk: int = 5000, force: bool = False, config: GFlashConfig = GFlashConfig(),
                  progress: bool = True, workers: int = 1, compression_level: int = 4) -> Path:
@@ -303,9 +347,6 @@ def write_gflash(path, geometry: Geometry, n: int, energies: "str | np.ndarray",
     `workers` > 1 simulates chunks in parallel processes (the file is written in order);
     `compression_level` 0 writes an uncompressed scratch file (faster, larger).
     """
-    from contextlib import nullcontext
-    from multiprocessing import get_context
-
     from tqdm import tqdm
 
     from .data import ShowerWriter
@@ -314,21 +355,21 @@ def write_gflash(path, geometry: Geometry, n: int, energies: "str | np.ndarray",
     gen = GFlash(geometry, config)
     if isinstance(energies, str):
         spectrum = parse_spectrum(energies)                     # each chunk draws its own energies
-        lowest, label = spectrum.low, spectrum.text
+        lowest, highest, label = spectrum.low, spectrum.high, spectrum.text
     else:
         spectrum, all_e = None, np.asarray(energies, float).reshape(-1)
         if len(all_e) != n:
             raise ValueError(f"{len(all_e)} incident energies given for {n} showers")
-        lowest, label = all_e.min(), "from array"
-    gen.profile_parameters(np.array([lowest * 1e-3]))           # fail before writing anything
+        lowest, highest, label = all_e.min(), all_e.max(), "from array"
+    gen.profile_parameters(np.array([lowest, highest]) * 1e-3)  # fail before writing anything
     attrs = {"generator": "calofast.gflash", "geometry": geometry.name, "seed": seed,
              "energies": label, "c_s": config.c_s}
-    spans = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
-    jobs = [(geometry, config, seed, lo, hi, all_e[lo:hi] if spectrum is None else spectrum) for lo, hi in spans]
+    jobs = ((geometry, config, seed, lo, min(n, lo + chunk), all_e[lo:lo + chunk] if spectrum is None else spectrum)
+            for lo in range(0, n, chunk))                       # lazily: n / chunk may be large
     with ShowerWriter(path, geometry.n_voxels, force=force, attrs=attrs, compression_level=compression_level) as writer, \
             tqdm(total=n, unit="shower", desc=f"gflash {geometry.name}", disable=not progress) as bar:
-        with get_context("spawn").Pool(workers) if workers > 1 else nullcontext() as pool:
-            for e, showers in (pool.imap if pool else map)(_simulate_chunk, jobs):
+        with _pool(workers) as pool:
+            for e, showers in _in_order(pool, jobs, 4 * workers):
                 writer.write(e, showers)
                 bar.update(len(e))
     return writer.path

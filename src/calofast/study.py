@@ -141,7 +141,8 @@ def generate_row(row: Row, d: Path, energies: np.ndarray, models: _Models, chunk
             if not part.exists():
                 generate_file(bundle, part, energies[lo:lo + chunk], seed=row.seed, sampler=row.sampler,
                               steps=row.steps, batch_size=row.batch_size, bf16=models.bf16(row), knobs=row.knobs or None,
-                              progress=progress, first_event=lo, early=early, cuda_graph=graph)
+                              progress=progress, first_event=lo, early=early, cuda_graph=graph,
+                              total_events=n)
             parts.append(part)
         merge_files(parts, out, compression_level=0)
         shutil.rmtree(d / "chunks")
@@ -181,7 +182,7 @@ def _evaluate(label: str, showers: str, eval_dir: str, geometry: Geometry, fast:
               min_events: int, classifier_seeds: int = 1) -> str:
     from .evaluate import evaluate_files
     evaluate_files(showers, _REFERENCE, geometry, eval_dir, fast=fast, min_events=min_events, device=device,
-                   label=label, progress=False, classifier_seeds=classifier_seeds)
+                   label=label, progress=False, classifier_seeds=classifier_seeds, force=True)
     return label
 
 
@@ -277,6 +278,11 @@ def study(plan_path: "str | Path", out: "str | Path", *, device: str = "cpu", sh
     labels = ([FLOOR] if full.floor_seed is not None else []) + [r.label for r in full.rows]     # the table's
     left: list[str] = []
     if not table_only:
+        from .checkpoint import bundle_path
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"-o {out}: exists and is not a folder")
+        for row in plan.rows:                  # every model found before the folder is made or any work is done
+            bundle_path(row.model)
         n_gpu = _gpu_count() if device == "cuda" and shard is None else 0
         if n_gpu > 1:
             out.mkdir(parents=True, exist_ok=True)

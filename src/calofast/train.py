@@ -337,6 +337,20 @@ def _check_init(config: Config, init: Bundle, stages: tuple[str, ...]) -> None:
                              "only train.* options may change when continuing (or list the stage in --stages)")
 
 
+def run_folder(run_dir: Path, cfg_text: str, *, write: bool = False) -> None:
+    """Check (and with `write`, create) a run's output folder and its config.json: a path that is not a folder, or
+    a folder holding a resumable run (a state.pt anywhere in it) of another config, is refused."""
+    cfg_path = run_dir / "config.json"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: exists and is not a folder; choose another output folder")
+    if cfg_path.exists() and cfg_path.read_text() != cfg_text and any(run_dir.rglob("state.pt")):
+        raise ValueError(f"{run_dir}: holds a run with a different config; resume with the same options "
+                         "or choose a new output folder")
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cfg_path, cfg_text.encode())
+
+
 def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", *, preset: str = "",
                 init: "str | Path | None" = None, stages: tuple[str, ...] | None = None) -> Path:
     """`calofast train`: fit the transform, build each stage's denoiser, train, write `model.safetensors`.
@@ -359,14 +373,7 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
     info = inspect_file(data_path, geometry)
     cfg_text = dumps(config) + (f"\ninit {start.meta['tensors_sha256']} stages {','.join(stages or ['all'])}\n"
                                 if start is not None else "")
-    cfg_path = run_dir / "config.json"
-    if cfg_path.exists() and cfg_path.read_text() != cfg_text and \
-            any((run_dir / sub / "state.pt").exists() for sub in (".", "energy", "shape")):
-        raise ValueError(f"{run_dir}: holds a run with a different config; resume with the same options "
-                         "or choose a new output folder")
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg_path.write_text(cfg_text)
+    run_folder(run_dir, cfg_text)
     n_fit = min(info.n_events, config.train.max_events or info.n_events, 20_000)
     tc = config.transform
     transform = start.transform if start is not None else \
@@ -375,6 +382,7 @@ def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", 
     data = load_training_data(data_path, transform, config.train.max_events, d.device)
     data_meta = [{"name": Path(data_path).name, "bytes": Path(data_path).stat().st_size,
                   "events": int(data[0][0].shape[0]), "sha256": file_sha256(data_path) if d.main else ""}]
+    run_folder(run_dir, cfg_text, write=d.main)   # only once the data are read and checked: a refused run leaves none
     bundle_path = run_dir / "model.safetensors"
     single = len(transform.stages) == 1
     before = int(start.meta.get("train_events_seen", 0)) if start is not None else 0

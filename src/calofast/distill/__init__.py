@@ -21,7 +21,7 @@ from ..checkpoint import Bundle, file_sha256, load_bundle, save_bundle
 from ..config import Config, check_config, dumps
 from ..diffusion import Boundary, Preconditioned
 from ..schedules import SIGMA_MAX_CAP, karras_consistency
-from ..train import fit, load_training_data, setup_distributed
+from ..train import fit, load_training_data, run_folder, setup_distributed
 from .consistency import consistency_loss, consistency_points, update_target
 from .dmd import DistributionMatching
 from .meanflow import meanflow_loss
@@ -69,10 +69,9 @@ def distill_progressive(teacher_path: "str | Path", data_path: "str | Path", run
     dc = cfg.distill
     if dc.start_steps < 2 or dc.start_steps & (dc.start_steps - 1) or dc.to_steps < 1:
         raise ValueError("distill.start_steps must be a power of two >= 2 and to_steps >= 1")
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(dumps(cfg))
+    run_folder(run_dir, dumps(cfg))
     x0, cond = load_training_data(data_path, teacher_bundle.transform, cfg.train.max_events, d.device)[-1]
+    run_folder(run_dir, dumps(cfg), write=d.main)
     s_min, s_max = distill_sigma_range(teacher_bundle, cfg)
     parent, data_meta = _meta(teacher_bundle.path, data_path, x0) if d.main else ("", [])
     teacher, param = teacher_bundle.denoiser, teacher_bundle.denoiser.param
@@ -115,10 +114,9 @@ def distill_consistency(teacher_path: "str | Path", data_path: "str | Path", run
     run_dir, teacher_path, data_path = Path(run_dir), Path(teacher_path), Path(data_path)
     teacher_bundle = load_bundle(teacher_path, d.device)
     dc = cfg.distill
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(dumps(cfg))
+    run_folder(run_dir, dumps(cfg))
     x0, cond = load_training_data(data_path, teacher_bundle.transform, cfg.train.max_events, d.device)[-1]
+    run_folder(run_dir, dumps(cfg), write=d.main)
     s_min, s_max = distill_sigma_range(teacher_bundle, cfg)
     grid = karras_consistency(dc.cm_steps, s_min, s_max, dc.rho)
     teacher = teacher_bundle.denoiser
@@ -165,6 +163,10 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
     names = list(teacher_bundle.transform.stages)
     if dc.sc_energy_steps and names[0] != "energy":
         raise ValueError(f"{teacher_path}: distill.sc_energy_steps needs a factorised teacher (stages {names})")
+    for k in ([0] if dc.sc_energy_steps else []) + [len(names) - 1]:
+        if teacher_bundle.stages[k].denoiser.param.kind != "flow":
+            raise ValueError(f"{teacher_path}: a shortcut model is fine-tuned from a flow-matching teacher; its "
+                             f"{names[k]} stage is {teacher_bundle.stages[k].denoiser.param.kind!r}")
     for stage in teacher_bundle.stages:
         if isinstance(stage.denoiser, IntervalDenoiser) and stage.denoiser.max_steps != dc.sc_max_steps:
             raise ValueError(f"{teacher_path}: its {stage.name} stage is a shortcut model with max_steps "
@@ -180,10 +182,9 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
         if not _same_transform(targets_bundle, teacher_bundle):
             raise ValueError(f"{targets_from}: its transform (stages, geometry or fitted constants) differs from "
                              f"{teacher_path}'s, so its ODE lives in another space")
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(dumps(cfg))
+    run_folder(run_dir, dumps(cfg))
     data = load_training_data(data_path, teacher_bundle.transform, cfg.train.max_events, d.device)
+    run_folder(run_dir, dumps(cfg), write=d.main)
     parent, data_meta = _meta(teacher_bundle.path, data_path, data[-1][0]) if d.main else ("", [])
     stages = list(teacher_bundle.stages)
     bundle_path = run_dir / "shortcut.safetensors"
