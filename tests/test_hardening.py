@@ -163,3 +163,24 @@ def test_ctrl_c_reaches_gflash_workers_without_tracebacks(tmp_path):
     assert [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("calofast:")] == \
         ["calofast: interrupted (SIGINT); no partial output was kept"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_declaring_unwritten_events_is_refused_before_reading(tmp_path, capsys):
+    """A 2 KB file declaring 10^9 events (chunks never written: they would read as fill values) is refused at
+    once by every reader, instead of being read for hours or allocated."""
+    path = tmp_path / "forged.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("incident_energies", shape=(10 ** 9, 1), dtype="f4", chunks=(10 ** 5, 1), fillvalue=1e4)
+        f.create_dataset("showers", shape=(10 ** 9, 6480), dtype="f4", chunks=(10, 6480))
+    for args in (["info", path], ["generate", "--model", "ds2-shortcut", "--energies-from", path, "-o", tmp_path / "z.h5"],
+                 ["train", "--data", path, "--preset", "tiny", "-o", tmp_path / "r"]):
+        _refused(args, "declares 1,000,000,000 events but stores 0 of its 10,000 chunks", capsys, tmp_path)
+
+
+def test_training_data_that_cannot_fit_the_device_are_refused(work, monkeypatch):
+    import calofast.train as train
+    from calofast.checkpoint import load_bundle
+    tmp, bundle, data, _ = work
+    monkeypatch.setattr(train, "device_memory", lambda device: 1_000)         # bytes: 64 tiny showers need ~9.5 kB
+    with pytest.raises(ValueError, match=r"its 64 events need .* set train.max_events=\d+ or fewer"):
+        train.load_training_data(data, load_bundle(bundle).transform)

@@ -167,6 +167,9 @@ def _energies(a: argparse.Namespace, bundle):
     import numpy as np
     from .data import read_energies
     if a.energies_from:
+        if a.n is None:
+            from .data import inspect_file
+            _showers(inspect_file(a.energies_from).n_events, f"--energies-from {a.energies_from}: its event count")
         energies = read_energies(a.energies_from, stop=a.n)
         if a.n is not None and len(energies) < a.n:
             raise ValueError(f"--n {a.n}: {a.energies_from} holds only {len(energies)} events (drop --n to use "

@@ -11,6 +11,7 @@ write never leaves a half file under the final name; an existing file is kept un
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 import shutil
@@ -121,6 +122,10 @@ def inspect_file(path: "str | Path", geometry: Geometry | None = None) -> Shower
         for name, ds in ((ENERGIES, e), (SHOWERS, s)):
             if ds.dtype.kind != "f":
                 raise ShowerFileError(f"{path}: '{name}' has dtype {ds.dtype}, expected floating point")
+        for name, ds in ((ENERGIES, e), (SHOWERS, s)):
+            if gap := _unwritten(ds):
+                raise ShowerFileError(f"{path}: '{name}' declares {ds.shape[0]:,} events but {gap} (an unfinished "
+                                      "or forged file: its missing values would read as fill values)")
         info = ShowerFileInfo(path, int(s.shape[0]), int(s.shape[1]), s.dtype)
     if info.n_events == 0:
         raise ShowerFileError(f"{path}: holds no events")
@@ -128,6 +133,19 @@ def inspect_file(path: "str | Path", geometry: Geometry | None = None) -> Shower
         raise ShowerFileError(f"{path}: {info.n_voxels} voxels per shower, but geometry "
                               f"{geometry.name} has {geometry.n_voxels}")
     return info
+
+
+def _unwritten(ds: h5py.Dataset) -> str | None:
+    """What part of a dataset was never written (HDF5 allocates storage only for what is written), or None: every
+    chunk of a chunked dataset is stored, and a contiguous one has its whole size on disk."""
+    if ds.size == 0:
+        return None
+    if ds.chunks is None:
+        stored, full = ds.id.get_storage_size(), ds.size * ds.dtype.itemsize
+        return None if stored >= full else f"stores {stored:,} of its {full:,} bytes"
+    chunks = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks))
+    stored = ds.id.get_num_chunks()
+    return None if stored >= chunks else f"stores {stored:,} of its {chunks:,} chunks"
 
 
 def _plain(value):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,11 +342,8 @@ BYTES_PER_VOXEL = {"cpu": 250, "cuda": 54}
 
 def check_batch_memory(device: "str | torch.device", n_voxels: int, batch: int, option: str = "--batch-size") -> None:
     """Refuse, before any work, a batch that cannot fit the device's whole memory (host RAM for a CPU)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    from .memory import device_memory
+    device, total = torch.device(device), device_memory(device)
     need = batch * n_voxels * BYTES_PER_VOXEL.get(device.type, 250)
     if need > total:
         raise ValueError(f"{option} {batch}: a batch of {batch:,} showers of {n_voxels} voxels needs about "

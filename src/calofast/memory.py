@@ -1,10 +1,20 @@
 """Peak memory of this process, for the records of training, generation and evaluation."""
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
-__all__ = ["peak_memory"]
+__all__ = ["peak_memory", "device_memory"]
+
+
+def device_memory(device) -> int:
+    """Bytes of memory the device has in all: the GPU's for CUDA, else the host's physical memory."""
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def peak_memory(device=None) -> dict:

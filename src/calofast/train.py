@@ -35,7 +35,7 @@ from .config import Config, DiffusionConfig, TrainConfig, dumps
 from .data import inspect_file, iter_showers
 from .diffusion import EDM, Flow, Preconditioned, build_parameterisation, denoising_loss
 from .geometry import get_geometry
-from .memory import peak_memory
+from .memory import device_memory, peak_memory
 from .transforms import ShowerTransform, fit_transform
 
 __all__ = ["Dist", "setup_distributed", "fit", "load_training_data", "train_model", "lr_at", "ema_beta", "progress"]
@@ -283,6 +283,12 @@ def load_training_data(path: "str | Path", transform: ShowerTransform, max_event
     info = inspect_file(path, transform.geometry)
     n = min(info.n_events, max_events) if max_events else info.n_events
     shapes = transform.stage_shapes
+    need = 4 * n * sum(math.prod(shape) + c for shape, c in zip(shapes, transform.cond_dims))
+    if need > device_memory(device):
+        fits = int(n * device_memory(device) / need / 2)
+        raise ValueError(f"{path}: its {n:,} events need {need / 1e9:,.1f} GB on {device} for training (the whole "
+                         f"set is held there) and this device has {device_memory(device) / 1e9:,.0f} GB; set "
+                         f"train.max_events={fits} or fewer")
     data = [(torch.empty((n, *shape), dtype=torch.float32, device=device),
              torch.empty((n, c), dtype=torch.float32, device=device)) for shape, c in zip(shapes, transform.cond_dims)]
     lo, where = 0, torch.device(device)
