@@ -299,8 +299,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     out = Path(a.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"-o {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    truth = out / "ds2_gflash_truth.h5"
+    truth = out / "ds2_gflash_truth.h5"           # its writer makes the folder: a refused truth leaves none
     if not truth.exists():
         write_gflash(truth, get_geometry("ds2"), a.n, "log-uniform:1GeV:1TeV", a.seed, chunk=1000,
                      workers=min(4, os.cpu_count() or 1))

@@ -240,10 +240,10 @@ class ShowerWriter:
                  chunk_rows: int = 256, compression_level: int = 4, attrs: dict | None = None):
         self.path = Path(path)
         claim_output(self.path, force, ShowerFileError)
+        self.n_voxels, self.n, self._done = n_voxels, 0, False
+        self._check_space(0, "a new file needs")          # before its folder is made: a refused file leaves none
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temporary_for(self.path)
-        self.n_voxels, self.n, self._done = n_voxels, 0, False
-        self._check_space(0, "a new file needs")
         self._f = h5py.File(self.tmp, "w")
         # Level 0: no compression (scratch files; official files are gzip-compressed).
         gz = dict(compression="gzip", compression_opts=compression_level) if compression_level else {}
@@ -274,7 +274,8 @@ class ShowerWriter:
 
     def _check_space(self, nbytes: int, what: str) -> None:
         """Refuse a batch that could fill the disk (its uncompressed size bounds what it adds), before HDF5 writes."""
-        free = shutil.disk_usage(self.tmp.parent).free
+        where = next(p for p in self.path.absolute().parents if p.is_dir())      # the folder, or what will hold it
+        free = shutil.disk_usage(where).free
         if free < nbytes + SPACE_MARGIN:
             raise ShowerFileError(f"{self.path}: not enough disk space: {free / 1e6:.1f} MB free, {what} "
                                   f"{SPACE_MARGIN // 2**20} MiB in hand (nothing was written under this name)")

@@ -137,12 +137,29 @@ def _claim(paths: list[Path], force: bool) -> None:
     paths[0].parent.mkdir(parents=True, exist_ok=True)
 
 
-def _announce(bundle: Bundle, plan, what: str, progress: bool) -> None:
-    if progress:
-        stages = ", ".join(f"{stage.name}: {name} {steps} step{'s' if steps != 1 else ''}"
-                           for stage, (name, steps, _) in zip(bundle.stages, plan))
-        print(f"tracing the unrolled sampler ({stages}) into {what}: every network call is traced once, "
-              "so a many-step teacher takes minutes", file=sys.stderr, flush=True)
+@contextlib.contextmanager
+def _tracing(core: UnrolledSampler, bundle: Bundle, plan, what: str, progress: bool):
+    """A progress bar over the network calls being traced (a forward hook on each stage's denoiser: Python that
+    touches no tensor, so nothing of it enters the graph), then a note on it while the graph is built."""
+    if not progress:
+        yield
+        return
+    from tqdm import tqdm
+    stages = ", ".join(f"{stage.name}: {name} {steps} step{'s' if steps != 1 else ''}"
+                       for stage, (name, steps, _) in zip(bundle.stages, plan))
+    total = sum(SAMPLERS[name].nfe(steps) for name, steps, _ in plan)
+    with tqdm(total=total, unit="call", desc=f"tracing into {what} ({stages})", file=sys.stderr) as bar:
+        def tick(*args) -> None:       # returns None: a forward hook's result would replace the output
+            if bar.n < total:          # (torch.jit.trace runs the module again to check the trace)
+                bar.update(1)
+            if bar.n == total:
+                bar.set_postfix_str(f"traced; now building the {what} graph (about as long again)")
+        hooks = [d.register_forward_hook(tick) for d in core.denoisers]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = None, steps: int | None = None,
@@ -180,9 +197,8 @@ def export_onnx(bundle: Bundle, output: "str | Path", *, sampler: str | None = N
               "par04_energy_scale": par04_energy_scale}
     else:
         raise ValueError(f"unknown flavour {flavour!r} (par04, reproducible)")
-    _announce(bundle, plan, "ONNX", progress)
     buf = BytesIO()
-    with torch.no_grad(), _quiet_trace():
+    with torch.no_grad(), _quiet_trace(), _tracing(core, bundle, plan, "ONNX", progress):
         torch.onnx.export(module, args, buf, input_names=names, output_names=outs, dynamic_axes=axes,
                           opset_version=17, dynamo=False, do_constant_folding=True)
     model = onnx.load_from_string(buf.getvalue())
@@ -206,8 +222,7 @@ def export_torchscript(bundle: Bundle, output: "str | Path", *, sampler: str | N
     _claim([output], force)
     plan = sampling_plan(bundle, sampler, steps)
     core = UnrolledSampler(bundle.to("cpu"), plan).eval()
-    _announce(bundle, plan, "TorchScript", progress)
-    with torch.no_grad(), _quiet_trace():
+    with torch.no_grad(), _quiet_trace(), _tracing(core, bundle, plan, "TorchScript", progress):
         traced = torch.jit.trace(core, (torch.full((2, 1), 1e4), torch.zeros(2, core.noise_size)))
     buf = BytesIO()
     torch.jit.save(traced, buf)
