@@ -182,7 +182,8 @@ def evaluate_files(generated: "str | Path", reference: "str | Path | Reference",
     atomic_write_bytes(out_dir / "metrics.json", json.dumps(metrics, indent=1).encode())
     if plots:
         from .plots import plot_histograms, plot_mean_showers, plot_response
-        makers = {"histograms": lambda p: plot_histograms(ff_r, ff_g, geometry, vh, edges, p),
+        from .report import report_title
+        makers = {"histograms": lambda p: plot_histograms(ff_r, ff_g, geometry, vh, edges, p, report_title(metrics)),
                   "response": lambda p: plot_response(ff_r, ff_g, p)}
         if geometry.is_regular:
             makers["mean_showers"] = lambda p: plot_mean_showers(ff_r, ff_g, geometry, p)

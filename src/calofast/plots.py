@@ -92,19 +92,20 @@ def _step_pair(ax_main, ax_ratio, h_r, h_g, edges, label, logx=False):
     ax_ratio.stairs(ratio, edges, color="tab:red")
     ax_ratio.axhline(1, color="k", lw=0.8)
     ax_ratio.set_ylim(0.5, 1.5)                # ratios outside are cut off (the report says so)
-    ax_ratio.set_xlabel(label, fontsize=9)
-    ax_main.set_ylabel("normalised entries", fontsize=8)
-    ax_ratio.set_ylabel("gen / ref", fontsize=8)
-    ax_main.tick_params(which="both", labelbottom=False, labelsize=8)
-    ax_ratio.tick_params(labelsize=8)
+    ax_ratio.set_xlabel(label, fontsize=12)
+    ax_main.set_ylabel("norm. entries", fontsize=11)
+    ax_ratio.set_ylabel("gen / ref", fontsize=11)
+    ax_main.tick_params(which="both", labelbottom=False, labelsize=10)
+    ax_ratio.tick_params(labelsize=10)
     if logx:
         ax_main.set_xscale("log")
         ax_ratio.set_xscale("log")
 
 
 def plot_histograms(ref: FileFeatures, gen: FileFeatures, geometry: Geometry, voxel_hists, voxel_edges,
-                    out: "str | Path") -> Path:
-    """Feature histograms, reference vs generated, each with a generated/reference ratio panel."""
+                    out: "str | Path", title: str = "") -> Path:
+    """Feature histograms, reference vs generated, each with a generated/reference ratio panel; three panels a
+    row, so that the labels stay legible where a page is 800 pixels wide."""
     from .metrics.compare import feature_bins
     plt = _plt()
     fr, fg = ref.features, gen.features
@@ -124,10 +125,10 @@ def plot_histograms(ref: FileFeatures, gen: FileFeatures, geometry: Geometry, vo
                            feature_bins(name, geometry, lid), False))
     for name, unit in (("EC_r", " [mm]"), ("width_r", " [mm]"), ("sparsity", "")):
         panels.append((f"{name} layer {lid}{unit}", fr[name][:, j], fg[name][:, j], feature_bins(name, geometry, lid), False))
-    cols = 4
+    cols = 3
     rows = -(-(len(panels) + 1) // cols)
-    fig = plt.figure(figsize=(4 * cols, 3.4 * rows))
-    outer = fig.add_gridspec(rows, cols, hspace=0.35, wspace=0.3)
+    fig = plt.figure(figsize=(4.2 * cols, 3.6 * rows))
+    outer = fig.add_gridspec(rows, cols, hspace=0.4, wspace=0.38, top=0.95)
     for k, (label, a, b, edges, logx) in enumerate(panels + [("voxel energy [MeV]", None, None, voxel_edges, True)]):
         inner = outer[divmod(k, cols)].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
         ax, axr = fig.add_subplot(inner[0]), fig.add_subplot(inner[1])
@@ -136,8 +137,8 @@ def plot_histograms(ref: FileFeatures, gen: FileFeatures, geometry: Geometry, vo
         else:
             _hist_panel(ax, axr, a, b, edges, label, logx)
         if k == 0:
-            ax.legend(fontsize=8)
-    fig.suptitle(f"{gen.path.name} vs {ref.path.name}", y=0.995)
+            ax.legend(fontsize=10)
+    fig.suptitle(f"{title or gen.path.name} (red) vs {ref.path.name} (black)", y=0.995, fontsize=13)
     return _save(fig, out, dpi=90, tight=False)
 
 

@@ -8,7 +8,7 @@ import html
 import json
 from pathlib import Path
 
-__all__ = ["write_report", "verdict", "load_baseline"]
+__all__ = ["write_report", "verdict", "load_baseline", "report_title"]
 
 # What each number means, shown beside it.
 MEANING = {
@@ -46,6 +46,13 @@ def verdict(metrics: dict) -> str:
         if worst < limit:
             return f"Verdict: {text} (worst AUC {worst:.3f}; 0.5 would be indistinguishable)."
     return ""
+
+
+def report_title(m: dict) -> str:
+    """The label given, else the model, sampler and steps the generated file records, else its name."""
+    g = m.get("generation", {})
+    return m["label"] or (f"{g['model']}, {g.get('sampler', '?')} {g.get('steps', '?')} steps" if g.get("model")
+                          else Path(m["generated"]).stem)
 
 
 def load_baseline(path: "str | Path") -> dict:
@@ -157,9 +164,7 @@ def write_report(metrics: dict, out_dir: Path, baseline: dict | None = None) -> 
     small = (f"<p>With {m['events']:,} events per file{' and the fast classifier' if m.get('fast') else ''}, the "
              "classifiers see only large differences: the protocol uses 50,000 or more.</p>"
              if m.get("fast") or m["events"] < 50_000 else "")
-    g = m.get("generation", {})
-    title = m["label"] or (f"{g['model']}, {g.get('sampler', '?')} {g.get('steps', '?')} steps" if g.get("model")
-                           else Path(m["generated"]).stem)
+    title = report_title(m)
     page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>calofast evaluation {html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;font-size:16px}}
