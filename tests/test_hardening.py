@@ -60,6 +60,7 @@ def work(tmp_path_factory):
     (["evaluate", "--generated", "a.h5", "--reference", "b.h5", "--geometry", "ds2", "--classifier-seeds", "1000",
       "-o", "ev"], "from 1 to 100"),
     (["info", "a.h5", "--plot", "p.xyz"], "--plot p.xyz: name a picture file"),
+    (["study", "plan.toml", "--deadline", "nan", "-o", "s"], "--deadline nan"),
     (["bench", "--model", "ds2-shortcut", "--batch-sizes", "1,,2"], "--batch-sizes 1,,2"),
     (["bench", "--model", "ds2-shortcut", "--batch-sizes", str(10 ** 9)], "needs about"),
     (["train", "--data", "a.h5", "--preset", "tiny", "--set", "train.batch_size=1000000000", "-o", "r"],

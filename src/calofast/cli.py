@@ -276,8 +276,9 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_study(a: argparse.Namespace) -> int:
     from .study import study
     shard = _shard(a.shard)
-    if a.eval_jobs < 0 or a.deadline < 0 or a.workers < 1:
-        raise ValueError("--eval-jobs and --deadline must be >= 0 and --workers >= 1")
+    if a.eval_jobs < 0 or not a.deadline >= 0 or a.workers < 1:           # (not >= 0: refuses NaN too)
+        raise ValueError(f"--eval-jobs {a.eval_jobs}, --deadline {a.deadline}, --workers {a.workers}: the first two "
+                         "must be >= 0 and --workers >= 1")
     only = [x for x in a.only.split(",") if x] if a.only else None
     return study(a.plan, a.output, device=_device(a.device), shard=shard, table_only=a.table_only, fast=a.fast,
                  only=only, events=a.events,

@@ -343,13 +343,14 @@ def _check_init(config: Config, init: Bundle, stages: tuple[str, ...]) -> None:
                              "only train.* options may change when continuing (or list the stage in --stages)")
 
 
-def run_folder(run_dir: Path, cfg_text: str, *, write: bool = False) -> None:
-    """Check (and with `write`, create) a run's output folder and its config.json: a path that is not a folder, or
-    a folder holding a resumable run (a state.pt anywhere in it) of another config, is refused."""
+def run_folder(run_dir: Path, cfg_text: str, *, write: bool = False, same_config: bool = True) -> None:
+    """Check (and with `write`, create) a run's output folder and its config.json: a path that is not a folder is
+    refused, and with `same_config` a folder holding a resumable run (a state.pt anywhere in it) of another config
+    (distillation resumes with a changed length, so it passes False)."""
     cfg_path = run_dir / "config.json"
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"{run_dir}: exists and is not a folder; choose another output folder")
-    if cfg_path.exists() and cfg_path.read_text() != cfg_text and any(run_dir.rglob("state.pt")):
+    if same_config and cfg_path.exists() and cfg_path.read_text() != cfg_text and any(run_dir.rglob("state.pt")):
         raise ValueError(f"{run_dir}: holds a run with a different config; resume with the same options "
                          "or choose a new output folder")
     if write:

@@ -69,9 +69,9 @@ def distill_progressive(teacher_path: "str | Path", data_path: "str | Path", run
     dc = cfg.distill
     if dc.start_steps < 2 or dc.start_steps & (dc.start_steps - 1) or dc.to_steps < 1:
         raise ValueError("distill.start_steps must be a power of two >= 2 and to_steps >= 1")
-    run_folder(run_dir, dumps(cfg))
+    run_folder(run_dir, dumps(cfg), same_config=False)
     x0, cond = load_training_data(data_path, teacher_bundle.transform, cfg.train.max_events, d.device)[-1]
-    run_folder(run_dir, dumps(cfg), write=d.main)
+    run_folder(run_dir, dumps(cfg), write=d.main, same_config=False)
     s_min, s_max = distill_sigma_range(teacher_bundle, cfg)
     parent, data_meta = _meta(teacher_bundle.path, data_path, x0) if d.main else ("", [])
     teacher, param = teacher_bundle.denoiser, teacher_bundle.denoiser.param
@@ -114,9 +114,9 @@ def distill_consistency(teacher_path: "str | Path", data_path: "str | Path", run
     run_dir, teacher_path, data_path = Path(run_dir), Path(teacher_path), Path(data_path)
     teacher_bundle = load_bundle(teacher_path, d.device)
     dc = cfg.distill
-    run_folder(run_dir, dumps(cfg))
+    run_folder(run_dir, dumps(cfg), same_config=False)
     x0, cond = load_training_data(data_path, teacher_bundle.transform, cfg.train.max_events, d.device)[-1]
-    run_folder(run_dir, dumps(cfg), write=d.main)
+    run_folder(run_dir, dumps(cfg), write=d.main, same_config=False)
     s_min, s_max = distill_sigma_range(teacher_bundle, cfg)
     grid = karras_consistency(dc.cm_steps, s_min, s_max, dc.rho)
     teacher = teacher_bundle.denoiser
@@ -182,9 +182,9 @@ def distill_shortcut(teacher_path: "str | Path", data_path: "str | Path", run_di
         if not _same_transform(targets_bundle, teacher_bundle):
             raise ValueError(f"{targets_from}: its transform (stages, geometry or fitted constants) differs from "
                              f"{teacher_path}'s, so its ODE lives in another space")
-    run_folder(run_dir, dumps(cfg))
+    run_folder(run_dir, dumps(cfg), same_config=False)
     data = load_training_data(data_path, teacher_bundle.transform, cfg.train.max_events, d.device)
-    run_folder(run_dir, dumps(cfg), write=d.main)
+    run_folder(run_dir, dumps(cfg), write=d.main, same_config=False)
     parent, data_meta = _meta(teacher_bundle.path, data_path, data[-1][0]) if d.main else ("", [])
     stages = list(teacher_bundle.stages)
     bundle_path = run_dir / "shortcut.safetensors"
