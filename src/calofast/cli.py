@@ -151,7 +151,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     knobs = {"eta": a.eta} if a.eta is not None else {}
     stats = generate_file(bundle, output, energies, seed=a.seed, sampler=a.sampler, steps=a.steps,
                           batch_size=batch, bf16=a.dtype == "bf16", force=a.force, knobs=knobs, first_event=first,
-                          total_events=total, early=parse_stage_sampler(a.energy_sampler), cuda_graph=_graph_ok(a.cuda_graph, device))
+                          total_events=total, early=parse_stage_sampler(a.energy_sampler),
+                          cuda_graph=_graph_ok(a.cuda_graph, device))
     print(f"wrote {stats.n} showers to {stats.path}: sampler {stats.sampler}, {_count(stats.steps, 'step')}, "
           f"{nfe_text(stats.nfe)}, {stats.showers_per_s:.1f} showers/s on {a.device} ({a.dtype}); "
           f"{stats.clipped} clipped showers")
