@@ -101,6 +101,7 @@ def test_merge_refuses_a_missing_last_part(work, capsys):
                          "-o", str(part)]) == 0
     capsys.readouterr()
     _refused(["merge", parts[0], "-o", tmp / "m.h5"], "the parts end at event 3 of the run's 6", capsys, tmp)
+    _refused(["merge", *parts, "--force", "-o", parts[1]], "is one of the part files", capsys, tmp)
     assert main(["merge", str(parts[0]), str(parts[1]), "-o", str(tmp / "m.h5")]) == 0
     with h5py.File(tmp / "m.h5") as f:
         assert f["showers"].shape[0] == 6 and f.attrs["total_events"] == 6
@@ -185,3 +186,12 @@ def test_training_data_that_cannot_fit_the_device_are_refused(work, monkeypatch)
     monkeypatch.setattr(train, "device_memory", lambda device: 1_000)         # bytes: 64 tiny showers need ~9.5 kB
     with pytest.raises(ValueError, match=r"its 64 events need .* set train.max_events=\d+ or fewer"):
         train.load_training_data(data, load_bundle(bundle).transform)
+
+
+def test_a_message_keeps_its_closing_quotes(work, capsys):
+    """The one-line error shows the fix exactly, down to the empty '' it ends with (only a KeyError's own quotes
+    are stripped)."""
+    tmp, _, a, _ = work
+    small = tiny_data(tmp, n=32)
+    _refused(["evaluate", "--generated", small, "--reference", a, "--geometry", tiny_xml(tmp), "--min-events", "2",
+              "--classifiers", "high", "-o", tmp / "ev2"], "or give --classifiers ''\n", capsys, tmp)

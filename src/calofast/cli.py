@@ -155,7 +155,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                           cuda_graph=_graph_ok(a.cuda_graph, device))
     print(f"wrote {stats.n} showers to {stats.path}: sampler {stats.sampler}, {_count(stats.steps, 'step')}, "
           f"{nfe_text(stats.nfe)}, {stats.showers_per_s:.1f} showers/s on {a.device} ({a.dtype}); "
-          f"{stats.clipped} clipped showers")
+          f"{_count(stats.clipped, 'clipped shower')}")
     return 0
 
 
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError) as err:
         if os.environ.get("CALOFAST_DEBUG"):
             raise
-        msg = str(err).strip("'\"") or type(err).__name__
+        msg = (str(err).strip("'\"") if isinstance(err, KeyError) else str(err)) or type(err).__name__   # KeyError quotes
         print(f"calofast: error: {msg}", file=sys.stderr)
         data = sys.modules.get("calofast.data")
         if data is not None and data.hdf5_unusable():   # HDF5's clean-up at exit would crash after a failed write

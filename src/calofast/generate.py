@@ -367,6 +367,8 @@ def merge_files(parts: list["str | Path"], output: "str | Path", *, force: bool 
     from .data import ShowerFileError, ShowerWriter, file_attrs, inspect_file, iter_showers
     if not parts:
         raise ValueError("no part files to merge")
+    if any(Path(p).resolve() == Path(output).resolve() for p in parts):
+        raise ValueError(f"-o {output}: is one of the part files; write the merged file elsewhere")
     infos = [(file_attrs(p), inspect_file(p), Path(p)) for p in parts]
     infos.sort(key=lambda t: int(t[0].get("first_event", -1)))
     same = ("generator", "model", "sampler", "steps", "seed", "nfe", "early_sampler", "total_events")
