@@ -88,7 +88,6 @@ def write_table(rows: list[dict], out: "str | Path", force: bool = False) -> Pat
     from .data import claim_output
     out = Path(out)
     claim_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         text = json.dumps(rows, indent=1)
     else:

@@ -254,7 +254,6 @@ def save_bundle(path: "str | Path", stages: list[Stage], transform: ShowerTransf
     }
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     meta["meta_sha256"] = _meta_sha256(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, save(tensors, metadata=meta))
     return path
 

@@ -13,8 +13,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .cli_checks import (_count, _device, _energies, _energy_stage, _geometry, _graph_ok, _model_side, _positive,
-                         _seed, _shard, _showers, _spectrum)
+from .cli_checks import (_count, _cpus, _device, _energies, _energy_stage, _geometry, _graph_ok, _model_side,
+                         _positive, _seed, _shard, _showers, _spectrum)
 
 __all__ = ["main"]
 
@@ -26,8 +26,7 @@ def cmd_gflash(a: argparse.Namespace) -> int:
     from .gflash import GFlashConfig, write_gflash
     _positive(chunk=a.chunk, workers=a.workers)
     _showers(a.n)
-    if a.workers > (os.cpu_count() or 1):
-        raise ValueError(f"--workers {a.workers}: this machine has {os.cpu_count()} CPU threads")
+    _cpus("--workers", a.workers)
     _seed(a.seed)
     geo = _geometry(a.geometry)
     if a.summary:                      # the plot beside the file follows the file's rule, checked before any work
@@ -209,8 +208,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if not all(b.strip().isdigit() and int(b) >= 1 for b in sizes):
         raise ValueError(f"--batch-sizes {a.batch_sizes}: expected positive integers, e.g. 1,100,10000")
     _positive(repeats=a.repeats, steps=a.steps, threads=a.threads)
-    if a.threads and a.threads > (os.cpu_count() or 1):     # torch crashes on absurd thread counts (100,000: exit 139)
-        raise ValueError(f"--threads {a.threads}: this machine has {os.cpu_count()} CPU threads")
+    _cpus("--threads", a.threads)
     if a.output:
         from .data import claim_output
         claim_output(Path(a.output), a.force)             # before the work, not after it
@@ -289,7 +287,7 @@ def cmd_study(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     """GFlash truth -> shipped model through a few-step sampler -> CaloChallenge evaluation -> report."""
     from .checkpoint import load_bundle
-    from .data import read_energies
+    from .data import claim_folder, read_energies
     from .evaluate import evaluate_files
     from .generate import generate_file, nfe_text
     from .geometry import get_geometry
@@ -299,8 +297,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     _seed(a.seed)
     bundle = load_bundle(a.model, device=_device(a.device))      # a bad model is refused before any work
     out = Path(a.output)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"-o {out}: exists and is not a folder")
+    claim_folder(out)
     truth = out / "ds2_gflash_truth.h5"           # its writer makes the folder: a refused truth leaves none
     if not truth.exists():
         write_gflash(truth, get_geometry("ds2"), a.n, "log-uniform:1GeV:1TeV", a.seed, chunk=1000,

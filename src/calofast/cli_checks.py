@@ -23,6 +23,13 @@ def _showers(n: int | None, option: str = "--n") -> None:
         raise ValueError(f"{option} {n}: more than the {MAX_SHOWERS:.0e} showers one run may write (shard larger runs)")
 
 
+def _cpus(option: str, value: int | None) -> None:
+    """A process or thread count beyond the machine's CPU threads is a typo (torch crashes on 100,000 threads,
+    exit 139; a pool of 100,000 workers never starts)."""
+    if value and value > (os.cpu_count() or 1):
+        raise ValueError(f"{option} {value}: this machine has {os.cpu_count()} CPU threads")
+
+
 def _seed(seed: int) -> int:
     if not 0 <= seed < 2 ** 63:
         raise ValueError(f"--seed {seed}: must be in [0, 2^63)")

@@ -239,8 +239,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 # (section.field, test, what it must be): values that would train nothing, or garbage, are refused up front.
-MAX_SHOWERS = 10**12          # a training length beyond this (~300 GPU-days at 40,000 showers/s) is a typo
-_LENGTH = (lambda v: 1 <= v <= MAX_SHOWERS, f"between 1 and {MAX_SHOWERS:.0e}")
+MAX_TRAIN_SHOWERS = 10**12          # a training length beyond this (~300 GPU-days at 40,000 showers/s) is a typo
+_LENGTH = (lambda v: 1 <= v <= MAX_TRAIN_SHOWERS, f"between 1 and {MAX_TRAIN_SHOWERS:.0e}")
 _RULES = [
     ("batch_size", lambda v: 1 <= v <= 2**20, "between 1 and 1,048,576"), ("showers", *_LENGTH),
     ("checkpoint_showers", lambda v: v >= 1, "at least 1"), ("log_showers", lambda v: v >= 1, "at least 1"),

@@ -51,6 +51,12 @@ def claim_output(path: Path, force: bool, error: type[Exception] = ValueError) -
         raise error(f"{path}: exists already; refusing to overwrite (use --force)")
 
 
+def claim_folder(path: Path) -> None:
+    """Refuse, before any work, an output folder whose path is taken by something else (a file, a link to one)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a folder; choose another output folder")
+
+
 def temporary_for(path: Path) -> Path:
     """The temporary a write to `path` goes through (`.NAME.PID.tmp` beside it, renamed at the end). Temporaries of
     `path` that a killed calofast left behind (their process no longer runs on this machine) are removed first, so

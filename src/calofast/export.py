@@ -131,10 +131,9 @@ def _metadata(bundle: Bundle, plan, flavour: str, io: dict) -> dict:
 
 
 def _claim(paths: list[Path], force: bool) -> None:
-    """Check every output before any work (`claim_output`), then make their folder."""
+    """Check every output before any work (`claim_output`; the writes make their folder)."""
     for path in paths:
         claim_output(path, force)
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
 
 
 @contextlib.contextmanager

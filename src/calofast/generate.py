@@ -328,11 +328,10 @@ def default_batch_size(device: "str | torch.device", n_voxels: int) -> int:
     """The batch `generate` uses unless told: 100 on a CPU (the fastest there and 0.8 GB peak for DS2, against 2.3 GB
     at 1,000: docs/benchmarks.md); on a GPU as many showers as fit in a quarter of its memory at 64 bytes per voxel
     (a DS3 batch of 10,000 peaked at 21.8 GB, 54 bytes per voxel), between 100 and 10,000."""
-    device = torch.device(device)
-    if device.type != "cuda":
+    from .memory import device_memory
+    if torch.device(device).type != "cuda":
         return 100
-    total = torch.cuda.get_device_properties(device).total_memory
-    return int(min(10_000, max(100, total // 4 // (64 * n_voxels))))
+    return int(min(10_000, max(100, device_memory(device) // 4 // (64 * n_voxels))))
 
 
 # Peak memory of sampling per voxel of the batch, measured (docs/benchmarks.md): DS2 on a CPU, 2.35 GB at batch 1,000

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write_bytes
-from .data import file_attrs, inspect_file, read_energies
+from .data import claim_folder, file_attrs, inspect_file, read_energies
 from .geometry import Geometry, get_geometry
 from .memory import peak_memory
 from .study_plan import FLOOR, Plan, Row, load_plan, select
@@ -279,8 +279,7 @@ def study(plan_path: "str | Path", out: "str | Path", *, device: str = "cpu", sh
     left: list[str] = []
     if not table_only:
         from .checkpoint import bundle_path
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"-o {out}: exists and is not a folder")
+        claim_folder(out)
         for row in plan.rows:                  # every model found before the folder is made or any work is done
             bundle_path(row.model)
         n_gpu = _gpu_count() if device == "cuda" and shard is None else 0

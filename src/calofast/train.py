@@ -32,7 +32,7 @@ from torch import nn
 
 from .checkpoint import Bundle, Stage, atomic_write_bytes, file_sha256, load_bundle, load_state, save_bundle, save_state, stage_network
 from .config import Config, DiffusionConfig, TrainConfig, dumps
-from .data import inspect_file, iter_showers
+from .data import claim_folder, inspect_file, iter_showers
 from .diffusion import EDM, Flow, Preconditioned, build_parameterisation, denoising_loss
 from .geometry import get_geometry
 from .memory import device_memory, peak_memory
@@ -284,11 +284,11 @@ def load_training_data(path: "str | Path", transform: ShowerTransform, max_event
     n = min(info.n_events, max_events) if max_events else info.n_events
     shapes = transform.stage_shapes
     need = 4 * n * sum(math.prod(shape) + c for shape, c in zip(shapes, transform.cond_dims))
-    if need > device_memory(device):
-        fits = int(n * device_memory(device) / need / 2)
+    have = device_memory(device)
+    if need > have:
         raise ValueError(f"{path}: its {n:,} events need {need / 1e9:,.1f} GB on {device} for training (the whole "
-                         f"set is held there) and this device has {device_memory(device) / 1e9:,.0f} GB; set "
-                         f"train.max_events={fits} or fewer")
+                         f"set is held there) and this device has {have / 1e9:,.0f} GB; set "
+                         f"train.max_events={int(n * have / need / 2)} or fewer")
     data = [(torch.empty((n, *shape), dtype=torch.float32, device=device),
              torch.empty((n, c), dtype=torch.float32, device=device)) for shape, c in zip(shapes, transform.cond_dims)]
     lo, where = 0, torch.device(device)
@@ -348,14 +348,12 @@ def run_folder(run_dir: Path, cfg_text: str, *, write: bool = False, same_config
     refused, and with `same_config` a folder holding a resumable run (a state.pt anywhere in it) of another config
     (distillation resumes with a changed length, so it passes False)."""
     cfg_path = run_dir / "config.json"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: exists and is not a folder; choose another output folder")
+    claim_folder(run_dir)
     if same_config and cfg_path.exists() and cfg_path.read_text() != cfg_text and any(run_dir.rglob("state.pt")):
         raise ValueError(f"{run_dir}: holds a run with a different config; resume with the same options "
                          "or choose a new output folder")
     if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cfg_path, cfg_text.encode())
+        atomic_write_bytes(cfg_path, cfg_text.encode())            # (makes the folder)
 
 
 def train_model(config: Config, data_path: "str | Path", run_dir: "str | Path", *, preset: str = "",
